@@ -1,0 +1,78 @@
+"""Gated memory banks: learned key/value slots every loop step reads densely.
+
+A layer reads its own *local* bank and the model's shared *global* bank:
+
+    x <- x + sig(Wg_loc x + bg_loc) * W_loc mem(x; K_l, V_l)
+           + sig(Wg_glob x + bg_glob) * W_glob mem(x; K_G, V_G)
+    mem(x; K, V) = softmax(q k^T / sqrt(D)) V,  q = norm_q(norm_mem(x)),  k = norm_k(K)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers import RMSNorm
+
+LOCAL, GLOBAL = 0, 1  # column of each bank in gate tensors [..., 2]
+
+
+class MemoryBank(nn.Module):
+    """`slots` learned keys and values of width d_model, keys RMS-normed before use."""
+
+    def __init__(self, slots: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(slots, cfg.d_model) * 0.02)
+        self.values = nn.Parameter(torch.randn(slots, cfg.d_model) * 0.02)
+        self.norm_k = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def read(self, q: torch.Tensor) -> torch.Tensor:
+        """Dense softmax read: q [..., D] -> [..., D]."""
+        k = self.norm_k(self.keys)  # [S, D]
+        scores = (q @ k.t()) / math.sqrt(q.shape[-1])  # [..., S]
+        return scores.softmax(dim=-1) @ self.values  # [..., D]
+
+
+class GatedRead(nn.Module):
+    """One bank's query norm, output projection and scalar sigmoid gate, for one layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm_q = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.gate = nn.Linear(cfg.d_model, 1, bias=True)
+
+    def forward(self, x: torch.Tensor, x_normed: torch.Tensor, bank: MemoryBank
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, x_normed: [..., D] -> (gated readout [..., D], gate [...])."""
+        gate = torch.sigmoid(self.gate(x)).squeeze(-1)
+        return gate.unsqueeze(-1) * self.out(bank.read(self.norm_q(x_normed))), gate
+
+
+class LayerMemory(nn.Module):
+    """A layer's memory path: its local bank (optional) and its read of the global bank."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        has_local = cfg.local_memory_slots > 0
+        self.local_bank = MemoryBank(cfg.local_memory_slots, cfg) if has_local else None
+        self.local_read = GatedRead(cfg) if has_local else None
+        self.global_read = GatedRead(cfg) if cfg.global_memory_slots else None
+
+    def forward(self, x: torch.Tensor, global_bank: MemoryBank | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D] -> (x plus the gated readouts [..., D], gates [..., 2] (0 where no bank))."""
+        x_normed = self.norm(x)
+        gates = x.new_zeros(*x.shape[:-1], 2, dtype=torch.float32)
+        update = torch.zeros_like(x)
+        if self.local_read is not None:
+            readout, gates[..., LOCAL] = self.local_read(x, x_normed, self.local_bank)
+            update = update + readout
+        if self.global_read is not None:
+            readout, gates[..., GLOBAL] = self.global_read(x, x_normed, global_bank)
+            update = update + readout
+        return x + update, gates

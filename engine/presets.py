@@ -1,0 +1,29 @@
+"""Named model configurations: `tiny` for tests, and the paper's two 12-layer-scale models."""
+
+from __future__ import annotations
+
+from engine.config import ModelConfig
+from engine.errors import ConfigError
+
+PRESETS: dict[str, ModelConfig] = {
+    # a few hundred thousand parameters: fast CPU tests
+    "tiny": ModelConfig(),
+    # the paper's Loop-3 + memory model: 12 layers, d=768, 3 loops, local and global banks
+    "paper-loop3-mem": ModelConfig(
+        vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64,
+        ffn_hidden=2048, max_loops=3, local_memory_slots=2048, global_memory_slots=4096,
+        max_position=4096, tokenizer="hf", bos_token_id=50256, eos_token_id=50256,
+        pad_token_id=50256),
+    # its iso-FLOP baseline: 3x the layers, no loops, no memory
+    "paper-iso-flop-baseline": ModelConfig(
+        vocab_size=50304, d_model=768, n_layers=36, n_heads=12, n_kv_heads=4, head_dim=64,
+        ffn_hidden=2048, max_loops=1, local_memory_slots=0, global_memory_slots=0,
+        max_position=4096, tokenizer="hf", bos_token_id=50256, eos_token_id=50256,
+        pad_token_id=50256),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,1 @@
+"""loopserve HTTP server: FastAPI app, OpenAI-compatible routes, metrics, CLI."""

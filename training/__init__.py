@@ -1,0 +1,1 @@
+"""Synthetic corpus and training loop that produce the bundled checkpoint."""
