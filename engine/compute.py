@@ -13,6 +13,8 @@ element-wise work are not counted (as in the usual 6ND-style accounting).
 
 from __future__ import annotations
 
+import torch
+
 from engine.config import ModelConfig
 
 
@@ -89,3 +91,67 @@ def parameter_count(cfg: ModelConfig) -> int:
     if cfg.global_memory_slots:
         total += 2 * cfg.global_memory_slots * d + d
     return total
+
+
+class FlopTable:
+    """Vectorised per-token FLOPs for the engine: precomputed per loop depth."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        cumulative = [0]
+        for step in range(1, cfg.max_loops + 1):
+            cumulative.append(cumulative[-1] + block_matmul_flops(cfg, step))
+        self.cumulative_matmul = torch.tensor(cumulative, dtype=torch.float64)  # [N + 1]
+        self.per_key = float(attention_flops(cfg, 1))
+        self.head = float(lm_head_flops(cfg))
+
+    def trunk(self, depths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """FLOPs of tokens that ran depths [n, L] at positions [n] (context = position + 1)."""
+        matmul = self.cumulative_matmul[depths].sum(-1)  # [n]
+        keys = (positions.double() + 1) * depths.sum(-1).double()
+        return matmul + self.per_key * keys
+
+    def trunk_max_depth(self, positions: torch.Tensor) -> torch.Tensor:
+        """FLOPs the same tokens would cost at full depth N in every layer."""
+        cfg = self.cfg
+        matmul = float(self.cumulative_matmul[-1]) * cfg.n_layers
+        return matmul + self.per_key * (positions.double() + 1) * cfg.n_layers * cfg.max_loops
+
+
+class ComputeTracker:
+    """Per-request running totals that become `usage.compute` (DESIGN section 6)."""
+
+    def __init__(self, cfg: ModelConfig, max_loops: int) -> None:
+        self.cfg = cfg
+        self.max_loops = max_loops
+        self.tokens = 0
+        self.loop_sums = [0.0] * cfg.n_layers
+        self.gate_sums = [0.0] * cfg.n_layers
+        self.flops = 0.0
+        self.flops_max_depth = 0.0
+
+    def add(self, tokens: int, loop_sums: list[float], gate_sums: list[float], flops: float,
+            flops_max_depth: float) -> None:
+        self.tokens += tokens
+        self.loop_sums = [a + b for a, b in zip(self.loop_sums, loop_sums, strict=True)]
+        self.gate_sums = [a + b for a, b in zip(self.gate_sums, gate_sums, strict=True)]
+        self.flops += flops
+        self.flops_max_depth += flops_max_depth
+
+    def merge(self, other: ComputeTracker) -> None:
+        self.add(other.tokens, other.loop_sums, other.gate_sums, other.flops,
+                 other.flops_max_depth)
+
+    def summary(self) -> dict:
+        tokens = max(self.tokens, 1)
+        loops = [s / tokens for s in self.loop_sums]
+        saved = 1.0 - self.flops / self.flops_max_depth if self.flops_max_depth else 0.0
+        return {
+            "max_loops": self.max_loops,
+            "mean_loops_per_token": sum(loops) / len(loops),
+            "loops_per_layer": loops,
+            "memory_gate_per_layer": [s / tokens for s in self.gate_sums],
+            "flops": int(self.flops),
+            "flops_max_depth": int(self.flops_max_depth),
+            "compute_saved": saved,
+        }

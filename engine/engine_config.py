@@ -1,0 +1,59 @@
+"""`EngineConfig`: how the engine runs a model (device, dtype, KV pool, batching, mode)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from engine.errors import ConfigError
+
+MODES = ("adaptive", "max_depth")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Validated engine options; every field has a CLI flag in the server."""
+
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from kv_cache_memory_mb
+    kv_cache_memory_mb: float = 256.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # None: the model's max_position
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    mode: str = "adaptive"  # or "max_depth": every token runs N loops (for comparison)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_mb <= 0:
+            raise ConfigError(f"kv_cache_memory_mb must be > 0, got {self.kv_cache_memory_mb}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device is None or self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown device {self.device!r}: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available")
+        return device
+
+    def resolved_dtype(self, device: torch.device) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if device.type == "cuda" else "fp32"

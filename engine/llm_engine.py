@@ -1,0 +1,288 @@
+"""LLMEngine: the synchronous engine core. One step reads as schedule, run, postprocess.
+
+Not thread-safe: `AsyncEngine` drives it from a single thread; `LLM` from the caller's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.compute import ComputeTracker, FlopTable
+from engine.engine_config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.model import LoopLM
+from engine.output_processor import append_token, completion_delta, finish_aborted, request_output
+from engine.request import Request, RequestOutput
+from engine.runner import ModelRunner, StepInput, StepOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.weights import load_model
+
+
+@dataclasses.dataclass
+class StepStats:
+    """What one engine step did, for metrics (the server turns it into Prometheus)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preempted: int
+    num_prompt_tokens: int  # prompt tokens computed this step
+    num_generation_tokens: int  # tokens sampled this step
+    prefix_queries: int  # cumulative
+    prefix_hits: int  # cumulative
+    active_per_call: list[tuple[int, int, int]]  # (layer, step, active tokens)
+    layer_iterations: list[int]  # [L] loop steps run in each layer this step
+    layer_tokens: int  # tokens that went through every layer this step
+    layer_gates: list[list[float]]  # [L][2] mean gate (local, global) of this step's tokens
+
+
+class LLMEngine:
+    def __init__(self, model: LoopLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 stats_callback: Callable[[StepStats], None] | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model.eval()
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.max_model_len = min(self.config.max_model_len or model.config.max_position,
+                                 model.config.max_position)
+        num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
+                                   self.config.max_num_batched_tokens,
+                                   self.config.enable_chunked_prefill)
+        self.runner = ModelRunner(model, num_blocks, self.config.block_size,
+                                  max_depth=self.config.mode == "max_depth")
+        self.sampler = Sampler(self.config.seed)
+        self.flop_table = FlopTable(model.config)
+        self.stats_callback = stats_callback
+        self.requests: dict[str, list[Request]] = {}  # parent id -> its choices
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path | None = None,
+                        config: EngineConfig | None = None, **kwargs) -> LLMEngine:
+        config = config or EngineConfig()
+        device = config.resolved_device()
+        model = load_model(model_dir, device=device, dtype=config.resolved_dtype(device))
+        tokenizer = load_tokenizer(model_dir or _bundled_dir(), model.config)
+        return cls(model, tokenizer, config, **kwargs)
+
+    def _num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = ModelRunner.kv_bytes_per_token(self.model) * self.config.block_size
+        return max(1, int(self.config.kv_cache_memory_mb * 2**20 // per_block))
+
+    # ------------------------------------------------------------------ requests
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (text gets the bos token); validates ids and length."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            return self.tokenizer.encode(prompt, add_bos=True)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+               or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), got "
+                                      f"{bad[0]!r}", param="prompt")
+        return ids
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Everything that makes a request impossible to serve, as InvalidRequestError."""
+        params.check_against(self.model_config)
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}; "
+                f"reduce the prompt or max_tokens", param="max_tokens")
+        need = math.ceil((len(prompt_ids) + params.max_tokens) / self.config.block_size)
+        if need > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs {need} KV blocks but the pool has "
+                f"{self.block_manager.num_blocks}; reduce the prompt or max_tokens",
+                param="max_tokens")
+
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> str:
+        params = params or SamplingParams()
+        prompt_ids = self.encode_prompt(prompt)
+        self.check_request(prompt_ids, params)
+        request_id = request_id or self.new_request_id()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        cfg = self.model_config
+        children = []
+        for index in range(params.n):
+            max_loops = params.resolved_max_loops(cfg)
+            child = Request(
+                request_id=f"{request_id}#{index}", parent_id=request_id, index=index,
+                prompt_token_ids=prompt_ids, params=params,
+                halt_threshold=params.resolved_threshold(cfg), max_loops=max_loops,
+                compute=ComputeTracker(cfg, max_loops), eos_token_id=self.tokenizer.eos_token_id,
+                max_total_tokens=self.max_model_len)
+            child.detokenizer = self.tokenizer.stream_decoder()
+            children.append(child)
+            self.scheduler.add(child)
+        self.requests[request_id] = children
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request at any point and free its blocks; its final output, if it ran."""
+        children = self.requests.pop(request_id, None)
+        if children is None:
+            return None
+        deltas = []
+        for child in children:
+            if child.finish_reason is None:
+                finish_aborted(child)
+                self.scheduler.finish(child)
+            delta = completion_delta(child)
+            if delta is not None:
+                deltas.append(delta)
+        return request_output(request_id, children, deltas)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        if not schedule.chunks:
+            return []
+        step_input, chunks = self._pack(schedule)
+        result = self.runner.run(step_input)
+        return self._postprocess(schedule, chunks, step_input, result)
+
+    def _pack(self, schedule: SchedulerOutput) -> tuple[StepInput, list[ScheduledChunk]]:
+        """Flatten the chunks: one-token chunks first (the runner batches them)."""
+        now = time.monotonic()
+        chunks = sorted(schedule.chunks, key=lambda c: c.num_tokens != 1)
+        token_ids, positions, sample_rows = [], [], []
+        for chunk in chunks:
+            request = chunk.request
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            token_ids += request.token_ids[chunk.start:chunk.start + chunk.num_tokens]
+            positions += range(chunk.start, chunk.start + chunk.num_tokens)
+            if chunk.samples:
+                sample_rows.append(len(token_ids) - 1)
+        tables = self.block_manager.tables
+        step_input = StepInput(
+            token_ids=token_ids, positions=positions,
+            block_tables=[tables[c.request.request_id] for c in chunks],
+            starts=[c.start for c in chunks], lengths=[c.num_tokens for c in chunks],
+            halt_thresholds=[c.request.halt_threshold for c in chunks],
+            max_loops=[c.request.max_loops for c in chunks], sample_rows=sample_rows,
+            num_decodes=sum(1 for c in chunks if c.num_tokens == 1))
+        return step_input, chunks
+
+    def _postprocess(self, schedule: SchedulerOutput, chunks: list[ScheduledChunk],
+                     step_input: StepInput, result: StepOutput) -> list[RequestOutput]:
+        self.scheduler.advance(schedule)
+        self._account_compute(chunks, step_input, result)
+        sampling = [c.request for c in chunks if c.samples]
+        sampled = self.sampler(result.logits, sampling) if sampling else None
+        touched: dict[str, None] = {}
+        for row, request in enumerate(sampling):
+            append_token(request, sampled.token_ids[row], sampled.logprobs[row])
+            self._account_logits(request)
+            if request.finish_reason is not None:
+                self.scheduler.finish(request)
+            touched[request.parent_id] = None
+        self._report(schedule, step_input, result, len(sampling))
+        return [out for parent in touched if (out := self._output_for(parent)) is not None]
+
+    def _output_for(self, parent_id: str) -> RequestOutput | None:
+        children = self.requests.get(parent_id)
+        if children is None:
+            return None
+        deltas = [d for c in children if (d := completion_delta(c)) is not None]
+        output = request_output(parent_id, children, deltas)
+        if output.finished:
+            del self.requests[parent_id]
+        return output if deltas or output.finished else None
+
+    # ------------------------------------------------------------------ accounting
+    def _account_compute(self, chunks: list[ScheduledChunk], step_input: StepInput,
+                         result: StepOutput) -> None:
+        """Per-request loops, gates and FLOPs of the tokens computed this step."""
+        positions = torch.tensor(step_input.positions, dtype=torch.long)
+        flops = self.flop_table.trunk(result.depths, positions)  # [T]
+        flops_max = self.flop_table.trunk_max_depth(positions)  # [T]
+        lengths = torch.tensor(step_input.lengths)
+        owner = torch.arange(len(chunks)).repeat_interleave(lengths)  # [T] chunk of each token
+        num_layers = self.model_config.n_layers
+        loop_sums = torch.zeros(len(chunks), num_layers, dtype=torch.float64)
+        loop_sums.index_add_(0, owner, result.depths.double())
+        gate_sums = torch.zeros(len(chunks), num_layers, dtype=torch.float64)
+        gate_sums.index_add_(0, owner, self._gate_means(result.gates).double())
+        flop_sums = torch.zeros(len(chunks), dtype=torch.float64).index_add_(0, owner, flops)
+        max_sums = torch.zeros(len(chunks), dtype=torch.float64).index_add_(0, owner, flops_max)
+        for i, (chunk, loops, gates, f, fm) in enumerate(zip(
+                chunks, loop_sums.tolist(), gate_sums.tolist(), flop_sums.tolist(),
+                max_sums.tolist(), strict=True)):
+            chunk.request.compute.add(step_input.lengths[i], loops, gates, f, fm)
+
+    def _gate_means(self, gates: torch.Tensor) -> torch.Tensor:
+        """[T, L, 2] -> [T, L]: mean over the banks the model has."""
+        cfg = self.model_config
+        banks = [b for b, slots in enumerate((cfg.local_memory_slots, cfg.global_memory_slots))
+                 if slots]
+        if not banks:
+            return torch.zeros(gates.shape[:2])
+        return gates[..., banks].mean(-1)
+
+    def _account_logits(self, request: Request) -> None:
+        head = self.flop_table.head
+        request.compute.add(0, [0.0] * self.model_config.n_layers,
+                            [0.0] * self.model_config.n_layers, head, head)
+
+    def _report(self, schedule: SchedulerOutput, step_input: StepInput, result: StepOutput,
+                num_sampled: int) -> None:
+        if self.stats_callback is None:
+            return
+        prompt_tokens = sum(
+            max(0, min(c.start + c.num_tokens, c.request.prompt_len) - c.start)
+            for c in schedule.chunks)
+        gates = result.gates.mean(0).tolist() if result.gates.numel() else []
+        self.stats_callback(StepStats(
+            num_running=self.num_running, num_waiting=self.num_waiting,
+            kv_cache_usage=self.block_manager.usage(), num_preempted=len(schedule.preempted),
+            num_prompt_tokens=prompt_tokens, num_generation_tokens=num_sampled,
+            prefix_queries=self.block_manager.prefix_queries,
+            prefix_hits=self.block_manager.prefix_hits,
+            active_per_call=result.active_per_call,
+            layer_iterations=result.depths.sum(0).tolist(), layer_tokens=len(step_input.token_ids),
+            layer_gates=gates))
+
+
+def _bundled_dir() -> Path:
+    from engine.weights import BUNDLED_MODEL_DIR
+    return BUNDLED_MODEL_DIR

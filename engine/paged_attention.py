@@ -1,0 +1,115 @@
+"""Attention of a step's active queries over the paged KV cache, one (layer, loop step) plane.
+
+The KV pool of one layer is `[num_blocks, N, 2, block_size, n_kv_heads, head_dim]`; plane
+t holds every cached position's k/v at loop step t (a token that halted earlier in the
+layer has its last step's k/v copied into the later planes: the KV rule). A query at
+position p of a sequence attends to positions 0..p of that sequence in the plane.
+
+The plan is built once per engine step (block tables do not change inside a step) and used
+by every (layer, step) call. Sequences with a single new token ("decodes") come first in
+the flat token order and are attended to in one padded, batched call; sequences with a
+chunk of several tokens get one causal call each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class PrefillSlice:
+    token_start: int  # flat index of the chunk's first token
+    token_end: int
+    key_blocks: torch.Tensor  # [ctx] block id of each context position
+    key_offsets: torch.Tensor  # [ctx] offset inside the block
+
+
+@dataclasses.dataclass
+class AttentionPlan:
+    num_decodes: int  # flat tokens [0, num_decodes) are one-token sequences, one row each
+    decode_key_blocks: torch.Tensor  # [S_d, C] padded
+    decode_key_offsets: torch.Tensor  # [S_d, C]
+    decode_key_valid: torch.Tensor  # [S_d, C] bool
+    prefills: list[PrefillSlice]
+    positions: torch.Tensor  # [T] position of each flat token
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], starts: list[int], lengths: list[int],
+              num_decodes: int, block_size: int, positions: torch.Tensor) -> AttentionPlan:
+        """Sequences in flat order; the first `num_decodes` have lengths of 1."""
+        device = positions.device
+        dec_blocks, dec_offsets, dec_valid = _padded_decode_keys(
+            block_tables[:num_decodes], [s + 1 for s in starts[:num_decodes]], block_size,
+            device)
+        prefills = []
+        token = num_decodes
+        for table, start, length in zip(block_tables[num_decodes:], starts[num_decodes:],
+                                        lengths[num_decodes:], strict=True):
+            ctx = torch.arange(start + length, device=device)
+            blocks = torch.tensor(table, dtype=torch.long, device=device)[ctx // block_size]
+            prefills.append(PrefillSlice(token, token + length, blocks, ctx % block_size))
+            token += length
+        return cls(num_decodes, dec_blocks, dec_offsets, dec_valid, prefills, positions)
+
+    def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor, q: torch.Tensor
+               ) -> torch.Tensor:
+        """Attention output [A, H * hd] for active flat tokens `active` [A] (sorted) with
+        queries q [A, H, hd], reading plane `plane` (0-based) of one layer's `cache`."""
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        bounds = torch.searchsorted(active, self._slice_starts(active.device)).tolist()
+        if bounds[0] > 0:
+            out[:bounds[0]] = self._attend_decodes(cache, plane, active[:bounds[0]],
+                                                   q[:bounds[0]])
+        for i, piece in enumerate(self.prefills):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                out[lo:hi] = self._attend_prefill(cache, plane, piece, active[lo:hi], q[lo:hi])
+        return out
+
+    def _slice_starts(self, device: torch.device) -> torch.Tensor:
+        starts = [self.num_decodes] + [p.token_end for p in self.prefills]
+        return torch.tensor(starts, dtype=torch.long, device=device)
+
+    def _attend_decodes(self, cache: torch.Tensor, plane: int, rows: torch.Tensor,
+                        q: torch.Tensor) -> torch.Tensor:
+        blocks, offsets = self.decode_key_blocks[rows], self.decode_key_offsets[rows]
+        k = cache[blocks, plane, 0, offsets]  # [n, C, Hkv, hd]
+        v = cache[blocks, plane, 1, offsets]
+        mask = self.decode_key_valid[rows][:, None, None, :]  # [n, 1, 1, C]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            enable_gqa=True)  # [n, H, 1, hd]
+        return out.flatten(1)
+
+    def _attend_prefill(self, cache: torch.Tensor, plane: int, piece: PrefillSlice,
+                        tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        k = cache[piece.key_blocks, plane, 0, piece.key_offsets]  # [ctx, Hkv, hd]
+        v = cache[piece.key_blocks, plane, 1, piece.key_offsets]
+        query_pos = self.positions[tokens]  # [a]
+        key_pos = torch.arange(k.shape[0], device=k.device)
+        mask = key_pos[None, :] <= query_pos[:, None]  # [a, ctx]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0), attn_mask=mask[None, None], enable_gqa=True)
+        return out[0].transpose(0, 1).flatten(1)  # [a, H * hd]
+
+
+def _padded_decode_keys(tables: list[list[int]], context_lens: list[int], block_size: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per decode row, the block id and offset of each context position, padded to the
+    longest context; padding points at block 0 and is masked out."""
+    if not tables:
+        empty = torch.zeros(0, 1, dtype=torch.long, device=device)
+        return empty, empty, empty.bool()
+    longest = max(context_lens)
+    width = -(-longest // block_size)
+    padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables],
+                          dtype=torch.long, device=device)  # [S_d, width]
+    pos = torch.arange(longest, device=device)  # [C]
+    blocks = padded[:, pos // block_size]  # [S_d, C]
+    offsets = (pos % block_size).expand(len(tables), -1)
+    valid = pos[None, :] < torch.tensor(context_lens, device=device)[:, None]
+    return blocks, offsets, valid

@@ -1,0 +1,138 @@
+"""`Request`: all state of one sequence being generated, and the outputs handed to users.
+
+A request with n > 1 choices is n `Request`s sharing a `parent_id`; the engine merges their
+outputs into one `RequestOutput`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+import torch
+
+from engine.compute import ComputeTracker
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import StreamDecoder
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """Log-probability of one generated token and the top alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One sequence: tokens, progress, block table owner id, sampling state, compute stats."""
+
+    request_id: str
+    parent_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    halt_threshold: float  # resolved: the request's or the model's default
+    max_loops: int  # resolved: the request's or N
+    compute: ComputeTracker
+    eos_token_id: int
+    max_total_tokens: int  # the model's context: prompt + output never exceed it
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    generator: torch.Generator | None = None
+    detokenizer: StreamDecoder | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    # detokenized text so far and how much of it was already handed out
+    text: str = ""
+    emitted_text_len: int = 0
+    emitted_token_len: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def extra_keys(self) -> tuple:
+        """What besides the tokens changes this request's cached k/v."""
+        return (self.halt_threshold, self.max_loops)
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    """One choice of a request: the generated tokens and text so far (or the delta)."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+    logprobs: list[TokenLogprob] | None = None
+    num_tokens: int = 0  # generated tokens in all (not only the delta)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What the engine hands back for a request: every choice, and its compute."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    compute: dict | None = None  # DESIGN section 6, set when finished
+    num_cached_tokens: int = 0
+    metrics: dict | None = None  # arrival, first token, finish times (seconds, monotonic)
+
+    # the first choice's fields, for the common n = 1 case
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.outputs[0].logprobs

@@ -1,0 +1,131 @@
+"""`SamplingParams`: how to sample one request, validated with errors a user can act on."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from engine.config import ModelConfig
+from engine.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_N = 16
+
+
+def _fail(param: str, message: str) -> None:
+    raise InvalidRequestError(message, param=param)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and compute options (DESIGN section 5).
+
+    temperature 0 is greedy. halt_threshold None uses the model's default; max_loops None
+    uses the model's N.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: all tokens
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # number of top logprobs per token (0: only the sampled one)
+    ignore_eos: bool = False
+    halt_threshold: float | None = None
+    max_loops: int | None = None
+
+    def __post_init__(self) -> None:
+        # lists are accepted for convenience and stored as tuples (the object stays hashable)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self._check_lengths()
+        self._check_sampling()
+        self._check_penalties()
+        self._check_compute()
+
+    def _check_lengths(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            _fail("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            _fail("n", f"n must be an integer between 1 and {MAX_N}, got {self.n!r}")
+        if self.logprobs is not None and (
+                not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            _fail("logprobs", f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, got "
+                              f"{self.logprobs!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            _fail("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, got "
+                          f"{len(self.stop)}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            _fail("stop", "stop strings must be non-empty strings")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            _fail("stop_token_ids", "stop_token_ids must be non-negative integers")
+        if self.seed is not None and not _is_int(self.seed):
+            _fail("seed", f"seed must be an integer, got {self.seed!r}")
+
+    def _check_sampling(self) -> None:
+        if not _is_number(self.temperature) or self.temperature < 0:
+            _fail("temperature", f"temperature must be >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            _fail("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            _fail("top_k", f"top_k must be -1 (disabled), 0 (disabled) or >= 1, got "
+                           f"{self.top_k!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            _fail("min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                _fail(name, f"{name} must be in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            _fail("repetition_penalty", f"repetition_penalty must be > 0, got "
+                                        f"{self.repetition_penalty!r}")
+
+    def _check_compute(self) -> None:
+        if self.halt_threshold is not None and (
+                not _is_number(self.halt_threshold) or not 0 <= self.halt_threshold < 1):
+            _fail("halt_threshold", f"halt_threshold must be in [0, 1), got "
+                                    f"{self.halt_threshold!r}")
+        if self.max_loops is not None and (not _is_int(self.max_loops) or self.max_loops < 1):
+            _fail("max_loops", f"max_loops must be an integer >= 1, got {self.max_loops!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check_against(self, config: ModelConfig) -> None:
+        """Checks that need the model: max_loops <= N and stop token ids in the vocabulary."""
+        if self.max_loops is not None and self.max_loops > config.max_loops:
+            _fail("max_loops", f"max_loops must be between 1 and {config.max_loops}, got "
+                               f"{self.max_loops}")
+        bad = [t for t in self.stop_token_ids if t >= config.vocab_size]
+        if bad:
+            _fail("stop_token_ids", f"stop_token_ids must be below vocab_size "
+                                    f"{config.vocab_size}, got {bad[0]}")
+
+    def resolved_threshold(self, config: ModelConfig) -> float:
+        return config.halt_threshold if self.halt_threshold is None else float(self.halt_threshold)
+
+    def resolved_max_loops(self, config: ModelConfig) -> int:
+        return config.max_loops if self.max_loops is None else self.max_loops

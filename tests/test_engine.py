@@ -1,0 +1,188 @@
+"""The engine against the reference forward: greedy tokens and logits, in every batching
+situation (mixed lengths and per-request compute knobs, chunked prefill, preemption,
+prefix-cache hits, batch invariance), with the block integrity check after each scenario."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import InvalidRequestError
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from tests.conftest import make_model
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def reference_greedy(model, prompt: list[int], max_tokens: int, threshold: float | None,
+                     max_loops: int | None) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with the uncached reference forward; returns tokens and logits."""
+    ids = list(prompt)
+    tokens, logits = [], []
+    for _ in range(max_tokens):
+        out = model.reference_forward(torch.tensor([ids]), halt_threshold=threshold,
+                                      max_loops=max_loops)
+        row = out.logits[0, -1]
+        logits.append(row)
+        tokens.append(int(row.argmax()))
+        ids.append(tokens[-1])
+    return tokens, logits
+
+
+class LogitRecorder:
+    """Wraps the engine's sampler to keep the logits each request was sampled from."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.by_parent: dict[str, list[torch.Tensor]] = {}
+        self._sampler = llm.engine.sampler
+        llm.engine.sampler = self
+
+    def __call__(self, logits, requests):
+        for row, request in enumerate(requests):
+            self.by_parent.setdefault(request.parent_id, []).append(logits[row].clone())
+        return self._sampler(logits, requests)
+
+
+def random_prompts(count: int, seed: int, low: int = 3, high: int = 40) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=gen).tolist()
+    return [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
+def check_against_reference(model, llm: LLM, prompts, params_list, recorder=None) -> None:
+    outputs = llm.generate(prompts, params_list)
+    for i, (prompt, params, out) in enumerate(zip(prompts, params_list, outputs, strict=True)):
+        threshold = params.halt_threshold if params.halt_threshold is not None else (
+            model.config.halt_threshold)
+        if llm.engine.config.mode == "max_depth":
+            threshold = None
+        tokens, logits = reference_greedy(model, prompt, params.max_tokens, threshold,
+                                          params.max_loops)
+        assert out.token_ids == tokens, f"prompt {i} diverged"
+        if recorder is not None:
+            got = recorder.by_parent[out.request_id]
+            assert len(got) == len(logits)
+            for position, (a, b) in enumerate(zip(got, logits, strict=True)):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-4,
+                                           msg=f"prompt {i} position {position}")
+    llm.engine.block_manager.check_integrity()
+    assert llm.engine.block_manager.usage() == 0.0
+
+
+def mixed_params(count: int, max_tokens: int = 6) -> list[SamplingParams]:
+    thresholds = [None, 0.0, 0.2, 0.5, 0.05]
+    return [SamplingParams(max_tokens=max_tokens, halt_threshold=thresholds[i % 5],
+                           max_loops=[None, 1, 2, 3][i % 4], **GREEDY) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=3)
+
+
+def test_mixed_batch_equals_reference_tokens_and_logits(model):
+    llm = LLM(model, num_kv_blocks=128, block_size=4)
+    recorder = LogitRecorder(llm)
+    prompts = random_prompts(10, seed=1)
+    check_against_reference(model, llm, prompts, mixed_params(10), recorder)
+
+
+def test_chunked_prefill_equals_reference(model):
+    llm = LLM(model, num_kv_blocks=128, block_size=4, max_num_batched_tokens=7)
+    recorder = LogitRecorder(llm)
+    prompts = random_prompts(6, seed=2, low=10, high=30)
+    check_against_reference(model, llm, prompts, mixed_params(6), recorder)
+
+
+def test_preemption_by_a_tiny_pool_equals_reference(model):
+    llm = LLM(model, num_kv_blocks=14, block_size=4)
+    prompts = random_prompts(8, seed=3, low=5, high=20)
+    check_against_reference(model, llm, prompts, mixed_params(8, max_tokens=10))
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_hits_equal_reference(model):
+    llm = LLM(model, num_kv_blocks=128, block_size=4)
+    shared = random_prompts(1, seed=4, low=21, high=22)[0]
+    prompts = [shared + [i, i + 1] for i in range(5)]
+    params = [SamplingParams(max_tokens=5, halt_threshold=0.2, **GREEDY)] * 5
+    check_against_reference(model, llm, prompts[:1], params[:1])
+    check_against_reference(model, llm, prompts[1:], params[1:])
+    manager = llm.engine.block_manager
+    assert manager.prefix_hits >= 4 * 20
+    # a different halt_threshold must not hit the blocks cached under another one
+    hits = manager.prefix_hits
+    other = [SamplingParams(max_tokens=3, halt_threshold=0.4, **GREEDY)]
+    check_against_reference(model, llm, [shared + [9]], other)
+    assert manager.prefix_hits == hits
+
+
+def test_max_depth_mode_equals_exact_reference(model):
+    llm = LLM(model, num_kv_blocks=64, block_size=4, mode="max_depth")
+    prompts = random_prompts(4, seed=5)
+    params = [SamplingParams(max_tokens=4, **GREEDY)] * 4
+    check_against_reference(model, llm, prompts, params)
+    outs = llm.generate(prompts, params)
+    assert all(o.compute["compute_saved"] == 0.0 for o in outs)
+    assert all(o.compute["mean_loops_per_token"] == model.config.max_loops for o in outs)
+
+
+def test_batch_invariance(model):
+    llm = LLM(model, num_kv_blocks=256, block_size=4)
+    target = random_prompts(1, seed=6)[0]
+    params = SamplingParams(max_tokens=8, halt_threshold=0.3, **GREEDY)
+    alone = llm.generate([target], params)[0].token_ids
+    others = random_prompts(16, seed=7)
+    batch = llm.generate(others[:8] + [target] + others[8:], params)
+    assert batch[8].token_ids == alone
+    llm.engine.block_manager.check_integrity()
+
+
+def test_compute_statistics(model):
+    llm = LLM(model, num_kv_blocks=64, block_size=4, enable_prefix_caching=False)
+    prompt = random_prompts(1, seed=8)[0]
+    fast = llm.generate([prompt], SamplingParams(max_tokens=4, max_loops=1, **GREEDY))[0]
+    assert fast.compute["loops_per_layer"] == [1.0] * model.config.n_layers
+    assert fast.compute["compute_saved"] > 0.5
+    full = llm.generate([prompt], SamplingParams(max_tokens=4, halt_threshold=0.0,
+                                                 **GREEDY))[0]
+    assert full.compute["compute_saved"] == pytest.approx(0.0, abs=1e-12)
+    assert full.compute["flops"] == full.compute["flops_max_depth"]
+    assert fast.compute["flops_max_depth"] == full.compute["flops_max_depth"]
+    gates = full.compute["memory_gate_per_layer"]
+    assert len(gates) == model.config.n_layers and all(0 < g < 1 for g in gates)
+
+
+def test_abort_frees_blocks(model):
+    llm = LLM(model, num_kv_blocks=64, block_size=4)
+    engine = llm.engine
+    ids = [engine.add_request(None, p, SamplingParams(max_tokens=20, **GREEDY))
+           for p in random_prompts(4, seed=9)]
+    engine.step()
+    engine.step()
+    final = engine.abort_request(ids[1])
+    assert final.finished and final.finish_reason == "abort"
+    engine.abort_request(ids[3])
+    engine.block_manager.check_integrity()
+    while engine.has_unfinished():
+        engine.step()
+    engine.block_manager.check_integrity()
+    assert engine.block_manager.usage() == 0.0
+    assert engine.abort_request(ids[0]) is None  # already finished: nothing to do
+
+
+@pytest.mark.parametrize("prompt, params, param", [
+    ([], SamplingParams(), "prompt"),
+    ("", SamplingParams(), "prompt"),
+    ([1, 2, 999], SamplingParams(), "prompt"),
+    ([1, 2, 3], SamplingParams(max_tokens=300), "max_tokens"),
+    ([1, 2, 3], SamplingParams(max_loops=4), "max_loops"),
+    ([1, 2, 3], SamplingParams(stop_token_ids=[300]), "stop_token_ids"),
+])
+def test_bad_requests_raise_typed_errors(model, prompt, params, param):
+    llm = LLM(model, num_kv_blocks=64)
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate([prompt], params)
+    assert info.value.param == param
+    assert not llm.engine.has_unfinished()
