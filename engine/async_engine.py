@@ -1,0 +1,222 @@
+"""AsyncEngine: the engine loop on its own thread, and an asyncio API for the server.
+
+The HTTP side never runs a forward pass: `generate` validates the request, hands it to the
+engine thread through a command queue and awaits the deltas that thread posts back onto the
+caller's event loop. A consumer that stops iterating (a client disconnect) aborts its
+request, which frees its KV blocks. `health()` says whether the loop is alive and making
+progress, for /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from engine.engine_config import EngineConfig
+from engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from engine.llm_engine import LLMEngine, StepStats
+from engine.request import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("loopserve.engine")
+
+
+@dataclasses.dataclass
+class Health:
+    ok: bool
+    reason: str  # "ok", "draining", "engine loop died: ...", "engine stalled for 31.0s"
+
+
+@dataclasses.dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int = 256, stall_timeout: float = 60.0
+                 ) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.stall_timeout = stall_timeout
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._pending_adds = 0
+        self._lock = threading.Lock()
+        self._stop = False
+        self._accepting = True
+        self._error: BaseException | None = None
+        self._heartbeat = time.monotonic()
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="loopserve-engine", daemon=True)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path | None = None,
+                        config: EngineConfig | None = None, max_queue: int = 256,
+                        stats_callback: Callable[[StepStats], None] | None = None
+                        ) -> AsyncEngine:
+        engine = LLMEngine.from_pretrained(model_dir, config, stats_callback=stats_callback)
+        return cls(engine, max_queue=max_queue)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> AsyncEngine:
+        if not self._thread.is_alive() and not self._stop:
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still in flight end with EngineDeadError."""
+        self._accepting = False
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting requests, let those in flight finish for up to `timeout` seconds,
+        then abort the rest. Returns how many had to be aborted."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self._streams)
+        for request_id in left:
+            self.abort(request_id)
+        return len(left)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def health(self) -> Health:
+        if self._error is not None:
+            return Health(False, f"engine loop died: {self._error!r}")
+        if not self._thread.is_alive():
+            return Health(False, "engine loop is not running")
+        stalled = time.monotonic() - self._heartbeat
+        if self._busy and stalled > self.stall_timeout:
+            return Health(False, f"engine stalled for {stalled:.1f}s")
+        if not self._accepting:
+            return Health(False, "draining")
+        return Health(True, "ok")
+
+    @property
+    def num_waiting(self) -> int:
+        return self._pending_adds + self.engine.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request; the last has `finished=True`. Leaving early aborts it."""
+        request_id = self._admit(prompt, params, request_id)
+        stream = self._streams[request_id]
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def _admit(self, prompt: str | list[int], params: SamplingParams, request_id: str | None
+               ) -> str:
+        """Validate on the caller's thread (errors surface before any streaming starts)."""
+        if not self._accepting:
+            raise EngineDeadError("the server is draining and accepts no new requests")
+        health = self.health()
+        if not health.ok:
+            raise EngineDeadError(health.reason)
+        prompt_ids = self.engine.encode_prompt(prompt)
+        self.engine.check_request(prompt_ids, params)
+        request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
+        with self._lock:
+            if self.num_waiting >= self.max_queue:
+                raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+            self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            self._pending_adds += 1
+        self._commands.put(("add", request_id, prompt_ids, params))
+        self._wake.set()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; the request's blocks are freed on the engine thread."""
+        self._commands.put(("abort", request_id, None, None))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._apply_commands()
+                self._busy = self.engine.has_unfinished()
+                if self._busy:
+                    for output in self.engine.step():
+                        self._deliver(output.request_id, output)
+                else:
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+                self._heartbeat = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001 - the loop must report any death
+            logger.exception("engine loop died")
+            self._error = exc
+        finally:
+            self._fail_all()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, request_id, prompt_ids, params = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._add(request_id, prompt_ids, params)
+            else:
+                final = self.engine.abort_request(request_id)
+                if final is not None:
+                    self._deliver(request_id, final)
+
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        try:
+            if request_id in self._streams:
+                self.engine.add_request(request_id, prompt_ids, params)
+        except InvalidRequestError as exc:
+            self._deliver(request_id, exc)
+        finally:
+            with self._lock:
+                self._pending_adds -= 1
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the caller's event loop may be closed
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _fail_all(self) -> None:
+        reason = f"engine loop died: {self._error!r}" if self._error else "engine shut down"
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError(reason))
