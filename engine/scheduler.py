@@ -25,11 +25,12 @@ class ScheduledChunk:
     request: Request
     start: int
     num_tokens: int
+    samples: bool  # after this chunk the request has computed every token: sample the next
 
-    @property
-    def samples(self) -> bool:
-        """After this chunk the request has computed every token: sample its next one."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    @classmethod
+    def next_for(cls, request: Request, num_tokens: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return cls(request, start, num_tokens, start + num_tokens == request.num_tokens)
 
 
 @dataclasses.dataclass
@@ -83,7 +84,7 @@ class Scheduler:
                 preempted.append(victim)
                 if victim is request:
                     return budget
-            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            chunks.append(ScheduledChunk.next_for(request, num_new))
             budget -= num_new
             i += 1
         return budget
@@ -106,7 +107,7 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            chunks.append(ScheduledChunk.next_for(request, num_new))
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:

@@ -1,0 +1,107 @@
+"""Scheduler: token budget, decode first, chunked prefill, FCFS, preemption of the newest."""
+
+from __future__ import annotations
+
+from engine import ModelConfig, SamplingParams
+from engine.block_manager import BlockManager
+from engine.compute import ComputeTracker
+from engine.request import Request, RequestStatus
+from engine.scheduler import Scheduler
+
+CFG = ModelConfig()
+
+
+def make_request(name: str, prompt_len: int) -> Request:
+    return Request(request_id=name, parent_id=name, index=0,
+                   prompt_token_ids=list(range(prompt_len)), params=SamplingParams(),
+                   halt_threshold=0.1, max_loops=3, compute=ComputeTracker(CFG, 3),
+                   eos_token_id=CFG.eos_token_id, max_total_tokens=256)
+
+
+def make_scheduler(num_blocks=32, budget=16, max_seqs=8, chunked=True) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, 4, enable_prefix_caching=False), max_seqs,
+                     budget, chunked)
+
+
+def run_step(scheduler: Scheduler):
+    """Schedule, pretend to compute, and sample one token for finished prompts."""
+    out = scheduler.schedule()
+    scheduler.advance(out)
+    for chunk in out.chunks:
+        if chunk.samples:
+            chunk.request.token_ids.append(1)
+    return out
+
+
+def test_chunked_prefill_under_one_budget():
+    s = make_scheduler(budget=16)
+    a, b = make_request("a", 10), make_request("b", 10)
+    s.add(a)
+    s.add(b)
+    out = run_step(s)
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks] == [
+        ("a", 0, 10), ("b", 0, 6)]
+    out = run_step(s)  # a decodes first, then b's prompt continues
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks] == [
+        ("a", 10, 1), ("b", 6, 4)]
+    assert [c.samples for c in out.chunks] == [True, True]
+    s.blocks.check_integrity()
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_full_budget():
+    s = make_scheduler(budget=16, chunked=False)
+    s.add(make_request("a", 10))
+    s.add(make_request("b", 10))
+    out = run_step(s)
+    assert [c.request.request_id for c in out.chunks] == ["a"]
+    assert [r.request_id for r in s.waiting] == ["b"]
+
+
+def test_max_num_seqs_and_fcfs():
+    s = make_scheduler(budget=100, max_seqs=2)
+    for name in "abc":
+        s.add(make_request(name, 3))
+    out = run_step(s)
+    assert [c.request.request_id for c in out.chunks] == ["a", "b"]
+    assert [r.request_id for r in s.waiting] == ["c"]
+
+
+def test_preemption_takes_the_newest_and_it_resumes_first():
+    s = make_scheduler(num_blocks=4, budget=64)
+    a, b = make_request("a", 8), make_request("b", 7)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # a: 9 tokens (3 blocks needed next), b: 8 tokens (2 blocks)
+    assert s.blocks.tables == {"a": [0, 1], "b": [2, 3]}
+    out = run_step(s)  # a needs a third block: b (newest) is preempted
+    assert [r.request_id for r in out.preempted] == ["b"]
+    assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0
+    assert b.num_preemptions == 1 and s.waiting[0] is b
+    assert [c.request.request_id for c in out.chunks] == ["a"]
+    s.blocks.check_integrity()
+    s.finish(a)
+    out = run_step(s)  # b recomputes its prompt and its sampled token
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks] == [("b", 0, 8)]
+    s.blocks.check_integrity()
+
+
+def test_a_request_preempts_itself_when_it_is_the_newest():
+    s = make_scheduler(num_blocks=3, budget=64)
+    a = make_request("a", 12)
+    s.add(a)
+    run_step(s)  # 3 blocks used, 13 tokens: needs a 4th
+    out = run_step(s)
+    assert out.preempted == [a] and not out.chunks
+    s.blocks.check_integrity()
+
+
+def test_finish_and_abort_free_everything():
+    s = make_scheduler()
+    a, b = make_request("a", 5), make_request("b", 5)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    s.finish(a)
+    s.finish(b)
+    assert not s.has_unfinished() and s.blocks.usage() == 0.0
+    s.blocks.check_integrity()
