@@ -23,16 +23,15 @@ import torch.nn.functional as F
 class PrefillSlice:
     token_start: int  # flat index of the chunk's first token
     token_end: int
-    key_blocks: torch.Tensor  # [ctx] block id of each context position
-    key_offsets: torch.Tensor  # [ctx] offset inside the block
+    blocks: torch.Tensor  # [nb] the sequence's block table
+    context_len: int  # positions 0..context_len-1 are attended to
 
 
 @dataclasses.dataclass
 class AttentionPlan:
     num_decodes: int  # flat tokens [0, num_decodes) are one-token sequences, one row each
-    decode_key_blocks: torch.Tensor  # [S_d, C] padded
-    decode_key_offsets: torch.Tensor  # [S_d, C]
-    decode_key_valid: torch.Tensor  # [S_d, C] bool
+    decode_blocks: torch.Tensor  # [S_d, W] block tables, padded with block 0
+    decode_key_valid: torch.Tensor  # [S_d, W * block_size] bool: position < context length
     prefills: list[PrefillSlice]
     positions: torch.Tensor  # [T] position of each flat token
 
@@ -41,18 +40,19 @@ class AttentionPlan:
               num_decodes: int, block_size: int, positions: torch.Tensor) -> AttentionPlan:
         """Sequences in flat order; the first `num_decodes` have lengths of 1."""
         device = positions.device
-        dec_blocks, dec_offsets, dec_valid = _padded_decode_keys(
+        dec_blocks, dec_valid = _padded_decode_tables(
             block_tables[:num_decodes], [s + 1 for s in starts[:num_decodes]], block_size,
             device)
         prefills = []
         token = num_decodes
         for table, start, length in zip(block_tables[num_decodes:], starts[num_decodes:],
                                         lengths[num_decodes:], strict=True):
-            ctx = torch.arange(start + length, device=device)
-            blocks = torch.tensor(table, dtype=torch.long, device=device)[ctx // block_size]
-            prefills.append(PrefillSlice(token, token + length, blocks, ctx % block_size))
+            context = start + length
+            blocks = torch.tensor(table[:-(-context // block_size)], dtype=torch.long,
+                                  device=device)
+            prefills.append(PrefillSlice(token, token + length, blocks, context))
             token += length
-        return cls(num_decodes, dec_blocks, dec_offsets, dec_valid, prefills, positions)
+        return cls(num_decodes, dec_blocks, dec_valid, prefills, positions)
 
     def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor, q: torch.Tensor
                ) -> torch.Tensor:
@@ -75,10 +75,9 @@ class AttentionPlan:
 
     def _attend_decodes(self, cache: torch.Tensor, plane: int, rows: torch.Tensor,
                         q: torch.Tensor) -> torch.Tensor:
-        blocks, offsets = self.decode_key_blocks[rows], self.decode_key_offsets[rows]
-        k = cache[blocks, plane, 0, offsets]  # [n, C, Hkv, hd]
-        v = cache[blocks, plane, 1, offsets]
-        mask = self.decode_key_valid[rows][:, None, None, :]  # [n, 1, 1, C]
+        kv = cache[self.decode_blocks[rows], plane]  # whole blocks: [n, W, 2, bs, Hkv, hd]
+        k, v = kv[:, :, 0].flatten(1, 2), kv[:, :, 1].flatten(1, 2)  # [n, W * bs, Hkv, hd]
+        mask = self.decode_key_valid[rows][:, None, None, :]  # [n, 1, 1, W * bs]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             enable_gqa=True)  # [n, H, 1, hd]
@@ -86,8 +85,9 @@ class AttentionPlan:
 
     def _attend_prefill(self, cache: torch.Tensor, plane: int, piece: PrefillSlice,
                         tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        k = cache[piece.key_blocks, plane, 0, piece.key_offsets]  # [ctx, Hkv, hd]
-        v = cache[piece.key_blocks, plane, 1, piece.key_offsets]
+        kv = cache[piece.blocks, plane]  # [nb, 2, bs, Hkv, hd]
+        k = kv[:, 0].flatten(0, 1)[:piece.context_len]  # [ctx, Hkv, hd]
+        v = kv[:, 1].flatten(0, 1)[:piece.context_len]
         query_pos = self.positions[tokens]  # [a]
         key_pos = torch.arange(k.shape[0], device=k.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [a, ctx]
@@ -97,19 +97,16 @@ class AttentionPlan:
         return out[0].transpose(0, 1).flatten(1)  # [a, H * hd]
 
 
-def _padded_decode_keys(tables: list[list[int]], context_lens: list[int], block_size: int,
-                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per decode row, the block id and offset of each context position, padded to the
-    longest context; padding points at block 0 and is masked out."""
+def _padded_decode_tables(tables: list[list[int]], context_lens: list[int], block_size: int,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables of the decode rows padded to the longest (with block 0, masked out),
+    and which of the W * block_size positions each row really attends to."""
     if not tables:
-        empty = torch.zeros(0, 1, dtype=torch.long, device=device)
-        return empty, empty, empty.bool()
-    longest = max(context_lens)
-    width = -(-longest // block_size)
-    padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables],
-                          dtype=torch.long, device=device)  # [S_d, width]
-    pos = torch.arange(longest, device=device)  # [C]
-    blocks = padded[:, pos // block_size]  # [S_d, C]
-    offsets = (pos % block_size).expand(len(tables), -1)
-    valid = pos[None, :] < torch.tensor(context_lens, device=device)[:, None]
-    return blocks, offsets, valid
+        return (torch.zeros(0, 1, dtype=torch.long, device=device),
+                torch.zeros(0, block_size, dtype=torch.bool, device=device))
+    width = -(-max(context_lens) // block_size)
+    padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
+    blocks = torch.tensor(padded, dtype=torch.long, device=device)  # [S_d, W]
+    positions = torch.arange(width * block_size, device=device)
+    valid = positions[None, :] < torch.tensor(context_lens, device=device)[:, None]
+    return blocks, valid

@@ -141,15 +141,14 @@ class ModelRunner:
             x, gates = block.read_memory(state, self.model.global_bank)
             q, k, v = block.project_qkv(x, cos[active], sin[active])
             blocks, offsets = slots[0][active], slots[1][active]
-            cache[blocks, step - 1, 0, offsets] = k
-            cache[blocks, step - 1, 1, offsets] = v
+            kv = torch.stack((k, v), dim=1)  # [A, 2, Hkv, hd]
+            cache[blocks, step - 1, :, offsets] = kv
             h_step = block.finish_step(x, plan.attend(cache, step - 1, active, q), step)
             halted = self._mix(layer, block, active, h_step, gates, step, eps, loops)
             if not bool(halted.any()):
                 state = h_step
                 continue
-            self._copy_halted_kv(cache, blocks[halted], offsets[halted], k[halted], v[halted],
-                                 step)
+            self._copy_halted_kv(cache, blocks[halted], offsets[halted], kv[halted], step)
             keep = ~halted
             active, state = active[keep], h_step[keep]
             if active.numel() == 0:
@@ -173,8 +172,12 @@ class ModelRunner:
         return halted
 
     def _copy_halted_kv(self, cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
-                        k: torch.Tensor, v: torch.Tensor, step: int) -> None:
-        """KV rule: a token halted at `step` shows its step-`step` k/v at every later step."""
-        for plane in range(step, self.config.max_loops):  # 0-based planes step+1..N
-            cache[blocks, plane, 0, offsets] = k
-            cache[blocks, plane, 1, offsets] = v
+                        kv: torch.Tensor, step: int) -> None:
+        """KV rule: a token halted at `step` shows its step-`step` k/v [h, 2, Hkv, hd] at
+        every later step (0-based planes step..N-1), written in one indexed copy."""
+        later = self.config.max_loops - step
+        if later <= 0:
+            return
+        planes = torch.arange(step, self.config.max_loops, device=kv.device)
+        cache[blocks.repeat(later), planes.repeat_interleave(blocks.numel()), :,
+              offsets.repeat(later)] = kv.repeat(later, 1, 1, 1)
