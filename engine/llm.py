@@ -12,6 +12,7 @@ from engine.model import LoopLM
 from engine.request import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.weights import resolve_dtype
 
 
 class LLM:
@@ -25,6 +26,10 @@ class LLM:
         config = EngineConfig(**engine_options)
         if isinstance(model, LoopLM):
             tokenizer = tokenizer or load_tokenizer(None, model.config)
+            if config.device is not None or config.dtype != "auto":  # moves the module itself
+                device = config.resolved_device()
+                model = model.to(device=device,
+                                 dtype=resolve_dtype(config.resolved_dtype(device)))
             self.engine = LLMEngine(model, tokenizer, config)
         else:
             self.engine = LLMEngine.from_pretrained(model, config)

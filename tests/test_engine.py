@@ -186,3 +186,16 @@ def test_bad_requests_raise_typed_errors(model, prompt, params, param):
         llm.generate([prompt], params)
     assert info.value.param == param
     assert not llm.engine.has_unfinished()
+
+
+def test_bf16_engine_runs_and_keeps_blocks_consistent(tmp_path):
+    from engine import save_model
+
+    save_model(make_model(seed=3), tmp_path)
+    llm = LLM(tmp_path, device="cpu", dtype="bf16", num_kv_blocks=64, block_size=4)
+    assert llm.engine.model.dtype == torch.bfloat16
+    assert llm.engine.runner.kv_caches[0].dtype == torch.bfloat16
+    outs = llm.generate(random_prompts(3, seed=10), mixed_params(3))
+    assert all(len(o.token_ids) == 6 for o in outs)
+    assert all(0.0 <= o.compute["compute_saved"] < 1.0 for o in outs)
+    llm.engine.block_manager.check_integrity()
