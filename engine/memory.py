@@ -28,11 +28,23 @@ class MemoryBank(nn.Module):
         self.keys = nn.Parameter(torch.randn(slots, cfg.d_model) * 0.02)
         self.values = nn.Parameter(torch.randn(slots, cfg.d_model) * 0.02)
         self.norm_k = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self._scaled_keys: tuple[tuple, torch.Tensor] | None = None
+
+    def scaled_keys_t(self) -> torch.Tensor:
+        """norm_k(K)^T / sqrt(D) [D, S]. Constant while serving, so it is cached and rebuilt
+        only when the key or norm parameters change (their version counters move)."""
+        stamp = (self.keys._version, self.norm_k.weight._version, self.keys.data_ptr(),
+                 self.keys.dtype, self.keys.device)
+        if torch.is_grad_enabled() or self._scaled_keys is None or self._scaled_keys[0] != stamp:
+            keys_t = self.norm_k(self.keys).t() / math.sqrt(self.keys.shape[-1])
+            if torch.is_grad_enabled():
+                return keys_t
+            self._scaled_keys = (stamp, keys_t.contiguous())
+        return self._scaled_keys[1]
 
     def read(self, q: torch.Tensor) -> torch.Tensor:
         """Dense softmax read: q [..., D] -> [..., D]."""
-        k = self.norm_k(self.keys)  # [S, D]
-        scores = (q @ k.t()) / math.sqrt(q.shape[-1])  # [..., S]
+        scores = q @ self.scaled_keys_t()  # [..., S]
         return scores.softmax(dim=-1) @ self.values  # [..., D]
 
 
