@@ -51,13 +51,41 @@ class StepOutput:
 
 
 @dataclasses.dataclass
-class LayerState:
-    """Bookkeeping of one layer's loop over the step's tokens."""
+class ActiveTokens:
+    """The tokens still looping in a layer, compacted: row i is flat token `ids[i]`."""
+
+    ids: torch.Tensor  # [A] flat token index
+    state: torch.Tensor  # [A, D] h_{t-1}
+    mixture: torch.Tensor  # [A, D] fp32: sum of p_t * h_t so far
+    remaining: torch.Tensor  # [A] fp32: R
+    gate_sum: torch.Tensor  # [A, 2] fp32
+    eps: torch.Tensor  # [A] halting threshold of each token's request
+    loops: torch.Tensor  # [A] max loops of each token's request
+    cos: torch.Tensor  # [A, 1, hd/2]
+    sin: torch.Tensor  # [A, 1, hd/2]
+    blocks: torch.Tensor  # [A] KV block of each token
+    offsets: torch.Tensor  # [A] offset in that block
+
+    def select(self, keep: torch.Tensor, state: torch.Tensor) -> ActiveTokens:
+        """The rows in `keep` [A] bool, with their new hidden state [A', D]."""
+        fields = {f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)
+                  if f.name != "state"}
+        return ActiveTokens(state=state, **fields)
+
+
+@dataclasses.dataclass
+class LayerResult:
+    """A layer's output for every token of the step, filled in as tokens halt."""
 
     out: torch.Tensor  # [T, D] fp32 ACT mixture
-    remaining: torch.Tensor  # [T] fp32, R
     depth: torch.Tensor  # [T] long
-    gate_sum: torch.Tensor  # [T, 2] fp32
+    gates: torch.Tensor  # [T, 2] fp32 mean gate over executed steps
+
+    def record(self, tokens: ActiveTokens, halted: torch.Tensor, step: int) -> None:
+        ids = tokens.ids[halted]
+        self.out[ids] = tokens.mixture[halted]
+        self.depth[ids] = step
+        self.gates[ids] = tokens.gate_sum[halted] / step
 
 
 class ModelRunner:
@@ -90,10 +118,10 @@ class ModelRunner:
         h = self.model.embed(torch.tensor(step.token_ids, dtype=torch.long, device=device))
         depths, gates, calls = [], [], []
         for index, block in enumerate(self.model.layers):
-            state = self._run_layer(index, block, h, plan, slots, eps, loops, cos, sin, calls)
-            h = state.out.to(h.dtype)
-            depths.append(state.depth)
-            gates.append(state.gate_sum / state.depth.unsqueeze(-1))
+            layer = self._run_layer(index, block, h, plan, slots, eps, loops, cos, sin, calls)
+            h = layer.out.to(h.dtype)
+            depths.append(layer.depth)
+            gates.append(layer.gates)
         rows = torch.tensor(step.sample_rows, dtype=torch.long, device=device)
         return StepOutput(logits=self.model.logits(h[rows]),
                           depths=torch.stack(depths, dim=-1).cpu(),
@@ -126,49 +154,50 @@ class ModelRunner:
     def _run_layer(self, index: int, block: LoopBlock, h: torch.Tensor, plan: AttentionPlan,
                    slots: tuple[torch.Tensor, torch.Tensor], eps: torch.Tensor,
                    loops: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   calls: list[tuple[int, int, int]]) -> LayerState:
-        total = h.shape[0]
+                   calls: list[tuple[int, int, int]]) -> LayerResult:
+        total, width = h.shape
         cache = self.kv_caches[index]
-        layer = LayerState(out=torch.zeros(total, h.shape[1], dtype=torch.float32,
-                                           device=h.device),
-                           remaining=torch.ones(total, dtype=torch.float32, device=h.device),
-                           depth=torch.zeros(total, dtype=torch.long, device=h.device),
-                           gate_sum=torch.zeros(total, 2, dtype=torch.float32, device=h.device))
-        active = torch.arange(total, device=h.device)  # [A] flat token ids still looping
-        state = h  # [A, D]
+        result = LayerResult(
+            out=torch.empty(total, width, dtype=torch.float32, device=h.device),
+            depth=torch.empty(total, dtype=torch.long, device=h.device),
+            gates=torch.empty(total, 2, dtype=torch.float32, device=h.device))
+        tokens = ActiveTokens(
+            ids=torch.arange(total, device=h.device), state=h,
+            mixture=torch.zeros(total, width, dtype=torch.float32, device=h.device),
+            remaining=torch.ones(total, dtype=torch.float32, device=h.device),
+            gate_sum=torch.zeros(total, 2, dtype=torch.float32, device=h.device),
+            eps=eps, loops=loops, cos=cos, sin=sin, blocks=slots[0], offsets=slots[1])
         for step in range(1, self.config.max_loops + 1):
-            calls.append((index, step, active.numel()))
-            x, gates = block.read_memory(state, self.model.global_bank)
-            q, k, v = block.project_qkv(x, cos[active], sin[active])
-            blocks, offsets = slots[0][active], slots[1][active]
+            calls.append((index, step, tokens.ids.numel()))
+            x, gates = block.read_memory(tokens.state, self.model.global_bank)
+            q, k, v = block.project_qkv(x, tokens.cos, tokens.sin)
             kv = torch.stack((k, v), dim=1)  # [A, 2, Hkv, hd]
-            cache[blocks, step - 1, :, offsets] = kv
-            h_step = block.finish_step(x, plan.attend(cache, step - 1, active, q), step)
-            halted = self._mix(layer, block, active, h_step, gates, step, eps, loops)
+            cache[tokens.blocks, step - 1, :, tokens.offsets] = kv
+            h_step = block.finish_step(x, plan.attend(cache, step - 1, tokens.ids, q), step)
+            halted = self._mix(tokens, block, h_step, gates, step)
             if not bool(halted.any()):
-                state = h_step
+                tokens.state = h_step
                 continue
-            self._copy_halted_kv(cache, blocks[halted], offsets[halted], kv[halted], step)
+            result.record(tokens, halted, step)
+            self._copy_halted_kv(cache, tokens.blocks[halted], tokens.offsets[halted],
+                                 kv[halted], step)
             keep = ~halted
-            active, state = active[keep], h_step[keep]
-            if active.numel() == 0:
+            tokens = tokens.select(keep, h_step[keep])
+            if tokens.ids.numel() == 0:
                 break
-        return layer
+        return result
 
-    def _mix(self, layer: LayerState, block: LoopBlock, active: torch.Tensor,
-             h_step: torch.Tensor, gates: torch.Tensor, step: int, eps: torch.Tensor,
-             loops: torch.Tensor) -> torch.Tensor:
-        """ACT update of the active tokens; returns which of them halt at this step [A]."""
-        lam = block.halt_probability(h_step, step)  # [A]
-        remaining = layer.remaining[active]
-        p = lam * remaining
-        remaining = remaining - p
-        halted = (remaining < eps[active]) | (loops[active] <= step)
-        weight = p + torch.where(halted, remaining, torch.zeros_like(remaining))
-        layer.out[active] += weight.unsqueeze(-1) * h_step.float()
-        layer.remaining[active] = remaining
-        layer.depth[active] += 1
-        layer.gate_sum[active] += gates
+    @staticmethod
+    def _mix(tokens: ActiveTokens, block: LoopBlock, h_step: torch.Tensor, gates: torch.Tensor,
+             step: int) -> torch.Tensor:
+        """ACT update of the active tokens; returns which of them halt at this step [A].
+        A halting token's leftover mass R goes to its last state h_step."""
+        p = block.halt_probability(h_step, step) * tokens.remaining  # [A]
+        tokens.remaining = tokens.remaining - p
+        halted = (tokens.remaining < tokens.eps) | (tokens.loops <= step)
+        weight = torch.where(halted, p + tokens.remaining, p)
+        tokens.mixture += weight.unsqueeze(-1) * h_step.float()
+        tokens.gate_sum += gates
         return halted
 
     def _copy_halted_kv(self, cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
