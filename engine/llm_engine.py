@@ -17,7 +17,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.compute import ComputeTracker, FlopTable
 from engine.engine_config import EngineConfig
-from engine.errors import InvalidRequestError
+from engine.errors import ConfigError, InvalidRequestError
 from engine.model import LoopLM
 from engine.output_processor import append_token, completion_delta, finish_aborted, request_output
 from engine.request import Request, RequestOutput
@@ -56,6 +56,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.max_model_len = min(self.config.max_model_len or model.config.max_position,
                                  model.config.max_position)
+        if (not self.config.enable_chunked_prefill
+                and self.config.max_num_batched_tokens < self.max_model_len):
+            raise ConfigError(
+                f"without chunked prefill, max_num_batched_tokens "
+                f"({self.config.max_num_batched_tokens}) must be at least max_model_len "
+                f"({self.max_model_len}), or long prompts could never be scheduled")
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)

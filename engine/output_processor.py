@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from engine.compute import ComputeTracker
 from engine.request import CompletionOutput, Request, RequestOutput, TokenLogprob
 
 
@@ -91,7 +92,7 @@ def request_output(parent_id: str, children: list[Request], deltas: list[Complet
                            outputs=deltas, finished=finished,
                            num_cached_tokens=first.num_cached_tokens)
     if finished:
-        total = first.compute.__class__(first.compute.cfg, first.compute.max_loops)
+        total = ComputeTracker(first.compute.cfg, first.compute.max_loops)
         for child in children:
             total.merge(child.compute)
         output.compute = total.summary()

@@ -199,3 +199,12 @@ def test_bf16_engine_runs_and_keeps_blocks_consistent(tmp_path):
     assert all(len(o.token_ids) == 6 for o in outs)
     assert all(0.0 <= o.compute["compute_saved"] < 1.0 for o in outs)
     llm.engine.block_manager.check_integrity()
+
+
+def test_engine_config_errors_name_the_fix(model):
+    from engine import ConfigError
+
+    with pytest.raises(ConfigError, match="max_num_batched_tokens .* must be at least"):
+        LLM(model, enable_chunked_prefill=False, max_num_batched_tokens=64)
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        LLM(model, mode="fast")
