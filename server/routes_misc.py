@@ -1,0 +1,101 @@
+"""The small routes: /v1/models, /tokenize, /detokenize, /health, /version, /metrics."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from engine.errors import InvalidRequestError
+from server.errors import error_body
+from server.params import chat_messages, check_model
+from server.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from server.state import ServerState, server_state
+
+router = APIRouter()
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("loopserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0+source"
+
+
+def _card(state: ServerState) -> ModelCard:
+    cfg = state.llm.model_config
+    return ModelCard(id=state.model_name, created=state.created,
+                     max_model_len=state.llm.max_model_len, max_loops=cfg.max_loops,
+                     n_layers=cfg.n_layers)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(server_state(request))])
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard)
+async def get_model(model: str, request: Request) -> ModelCard:
+    state = server_state(request)
+    check_model(model, state.model_name)
+    return _card(state)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """A prompt (with the bos token unless add_special_tokens is false) or chat messages."""
+    state = server_state(request)
+    check_model(body.model, state.model_name)
+    tokenizer = state.llm.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        tokens = tokenizer.apply_chat_template(chat_messages(body), body.add_generation_prompt)
+    else:
+        tokens = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+    return TokenizeResponse(count=len(tokens), max_model_len=state.llm.max_model_len,
+                            tokens=tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = server_state(request)
+    check_model(body.model, state.model_name)
+    vocab = state.llm.model_config.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(f"tokens must be integers in [0, {vocab}), got {bad[0]}",
+                                  param="tokens")
+    return DetokenizeResponse(prompt=state.llm.tokenizer.decode(body.tokens))
+
+
+@router.get("/health", response_model=HealthResponse)
+async def health(request: Request) -> Response:
+    """200 only while the engine loop is alive, making progress and accepting requests."""
+    status = server_state(request).engine.health()
+    if status.ok:
+        return JSONResponse({"status": "ok"})
+    code = "draining" if status.reason == "draining" else "engine_unavailable"
+    return JSONResponse(error_body(503, status.reason, code=code), status_code=503)
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version() -> VersionResponse:
+    return VersionResponse(version=server_version())
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    body, content_type = server_state(request).metrics.exposition(
+        request.headers.get("accept"))
+    return Response(body, media_type=content_type)
