@@ -83,6 +83,7 @@ def print_stream(stream: Stream, out: TextIO) -> tuple[str, Usage | None]:
                 out.write(chunk.text)
                 out.flush()
     out.write("\n")
+    out.flush()  # before the compute goes to stderr
     return "".join(parts), stream.usage
 
 

@@ -44,6 +44,7 @@ class Usage:
     completion_tokens: int
     total_tokens: int
     compute: Compute | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache, when reported
 
     @classmethod
     def from_json(cls, data: Any) -> Usage | None:
@@ -51,9 +52,11 @@ class Usage:
             return None
         prompt, completion = int(data.get("prompt_tokens") or 0), int(
             data.get("completion_tokens") or 0)
+        details = data.get("prompt_tokens_details") or {}
         return cls(prompt_tokens=prompt, completion_tokens=completion,
                    total_tokens=int(data.get("total_tokens") or prompt + completion),
-                   compute=Compute.from_json(data.get("compute")))
+                   compute=Compute.from_json(data.get("compute")),
+                   cached_tokens=int(details.get("cached_tokens") or 0))
 
 
 def _choice_text(choice: dict[str, Any], key: str) -> str:

@@ -3,6 +3,7 @@ delays, arrivals, datasets, the summary's arithmetic, the compute bar and the PN
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -10,7 +11,14 @@ import sys
 
 import pytest
 
-from clients import BadRequestError, Compute, RateLimitError, ServiceUnavailableError, StreamError
+from clients import (
+    BadRequestError,
+    Compute,
+    RateLimitError,
+    ServiceUnavailableError,
+    StreamError,
+    Usage,
+)
 from clients.bench.arrivals import gaps, start_times
 from clients.bench.datasets import (
     BenchRequest,
@@ -220,3 +228,14 @@ def test_png_report(tmp_path):
 
 def test_bench_request_prompt_chars():
     assert BenchRequest(messages=({"role": "user", "content": "abc"},)).prompt_chars() == 3
+
+
+def test_cached_prompt_tokens_lower_a_request_weight_in_the_layer_means():
+    usage = Usage.from_json({"prompt_tokens": 10, "completion_tokens": 2,
+                             "prompt_tokens_details": {"cached_tokens": 8}})
+    assert (usage.cached_tokens, usage.total_tokens, usage.compute) == (8, 12, None)
+    # 5 prompt + 4 output - 1 = 8 tokens ran for the first; 8 - 4 cached = 4 for the second
+    first = result(0.0, 0.1, 0.4, 4, loops=[1.0, 1.0])
+    second = dataclasses.replace(result(0.0, 0.1, 0.4, 4, loops=[3.0, 3.0]), cached_tokens=4)
+    layers = summarize([first, second], 1.0)["loops_per_layer"]
+    assert layers == pytest.approx([(8 * 1.0 + 4 * 3.0) / 12] * 2)

@@ -35,6 +35,7 @@ from clients.errors import LoopserveError
 
 DEFAULT_NUM_PROMPTS = 100
 POOL_FOR_DURATION = 1000  # distinct prompts cycled through by a duration-limited run
+WARMUP_SEED = 1_000_003  # offset of the warm-up's seed from the runs'
 
 
 def numbers(text: str) -> list[float]:
@@ -135,10 +136,13 @@ def make_target(args: argparse.Namespace) -> Target:
                   args.chars_per_token)
 
 
-def make_dataset(args: argparse.Namespace, count: int) -> list[BenchRequest]:
+def make_dataset(args: argparse.Namespace, count: int, seed: int) -> list[BenchRequest]:
+    """`count` requests; each run of a sweep (and the warm-up) draws with its own seed, so
+    random prompts differ between runs and a later run gains nothing from the prefix cache
+    the earlier ones filled."""
     if args.dataset == "random":
         return random_requests(count, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, args.chars_per_token, args.seed)
+                               args.random_range_ratio, args.chars_per_token, seed)
     if args.dataset == "heldout":
         pool = heldout_requests(args.dataset_path, args.max_tokens)
     elif args.dataset_path:
@@ -147,7 +151,7 @@ def make_dataset(args: argparse.Namespace, count: int) -> list[BenchRequest]:
         raise ValueError("--dataset jsonl needs --dataset-path FILE")
     if args.endpoint == "completions" and any(r.prompt is None for r in pool):
         raise ValueError("the dataset has chat messages without a prompt: use --endpoint chat")
-    return sample(pool, count, args.seed)
+    return sample(pool, count, seed)
 
 
 def run_header(args: argparse.Namespace, model: str | None, load: Load) -> dict[str, Any]:
@@ -188,16 +192,17 @@ async def run_one(client: AsyncClient, target: Target, load: Load, pool: list[Be
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Every run of the sweep; returns the JSON results (one run's dict or {"runs": [...]})."""
     target, loads = make_target(args), make_loads(args)
-    pool = make_dataset(args, loads[0].num_prompts or POOL_FOR_DURATION)
     goals, runs = slos(args.goodput), []
     async with AsyncClient(args.url, api_key=args.api_key, timeout=args.timeout,
                            max_retries=args.max_retries) as client:
         client.model = await resolve_model(client, args.model)
         if args.warmup:
-            warm = await warm_up(client, target, make_dataset(args, args.warmup), args.warmup)
+            warm_set = make_dataset(args, args.warmup, args.seed + WARMUP_SEED)
+            warm = await warm_up(client, target, warm_set, args.warmup)
             print(f"warm-up: {sum(r.success for r in warm)}/{len(warm)} succeeded",
                   file=sys.stderr)
-        for load in loads:
+        for index, load in enumerate(loads):
+            pool = make_dataset(args, load.num_prompts or POOL_FOR_DURATION, args.seed + index)
             results, duration = await run_one(client, target, load, pool, args.progress)
             summary = summarize(results, duration, goals, args.metric_percentiles)
             print(format_summary(load.label, summary), flush=True)

@@ -34,6 +34,7 @@ class RequestResult:
     error: str | None = None  # a short error type, e.g. "429 rate_limit_error"
     message: str = ""  # the server's message
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, when the server reports them
     output_tokens: int = 0
     ttft: float | None = None
     itl: list[float] = dataclasses.field(default_factory=list)
@@ -141,14 +142,14 @@ def loop_fields(results: Sequence[RequestResult], percentiles: Sequence[float]
 
     Per-request figures (mean_loops_per_token, mean_compute_saved) average over requests,
     as the server's histograms do; per-layer figures weigh each request by the tokens it
-    ran through the layers (prompt + output - 1; fewer on a prefix-cache hit), as the
-    server's layer counters do.
+    ran through the layers (prompt + output - 1, less the prompt tokens the server says it
+    took from its prefix cache), as the server's layer counters do.
     """
     rows = [(r, r.compute) for r in results if r.success and r.compute is not None]
     if not rows:
         return {"requests_with_compute": 0}
     loops = [c.mean_loops_per_token for _, c in rows]
-    weights = [max(r.prompt_tokens + r.output_tokens - 1, 1) for r, _ in rows]
+    weights = [max(r.prompt_tokens - r.cached_tokens + r.output_tokens - 1, 1) for r, _ in rows]
     flops = sum(c.flops for _, c in rows)
     flops_max = sum(c.flops_max_depth for _, c in rows)
     fields: dict[str, Any] = {

@@ -40,12 +40,16 @@ def latency_panel(ax: Any, runs: Sequence[tuple[str, list[RequestResult]]],
 
 def throughput_panel(ax: Any, runs: Sequence[tuple[str, list[RequestResult]]],
                      colors: list[str]) -> None:
+    """One bin width for every run (1 s, or 1/40 of the longest run when shorter than 40 s),
+    so that short runs do not look spikier than long ones."""
+    longest = max((r.end for _, results in runs for r in results), default=1.0)
+    bin_s = 1.0 if longest >= 40 else max(longest, 1e-3) / 40
     for (label, results), color in zip(runs, colors, strict=False):
-        edges, tokens, _ = timeline(results)
+        edges, tokens, _ = timeline(results, bin_s)
         ax.stairs(tokens, edges, color=color, label=label)
     ax.set_xlabel("seconds from the run's start")
     ax.set_ylabel("output tokens/s")
-    ax.set_title("Output throughput over time")
+    ax.set_title(f"Output throughput over time ({bin_s:.3g} s bins)")
     ax.legend(fontsize="x-small")
     ax.grid(alpha=0.3)
 

@@ -122,7 +122,7 @@ def on_finish(result: RequestResult, stream: AsyncStream, request: BenchRequest,
     usage = stream.usage
     if usage is not None:
         result.prompt_tokens, result.output_tokens = usage.prompt_tokens, usage.completion_tokens
-        result.compute = usage.compute
+        result.compute, result.cached_tokens = usage.compute, usage.cached_tokens
     else:  # a server without include_usage: estimate
         result.prompt_tokens = round(request.prompt_chars() / target.chars_per_token)
         result.output_tokens = len(result.chunk_times)

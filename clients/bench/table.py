@@ -54,9 +54,11 @@ def loop_rows(s: dict[str, Any]) -> list[str]:
     if not s.get("requests_with_compute"):
         return []
     layers = s["loops_per_layer"]
+    tails = [key for key in s if key.startswith("p") and key.endswith("_loops_per_token")]
     return [rule("Loops (usage.compute)"),
             row("Mean loops per token", s["mean_loops_per_token"]),
-            row("P99 loops per token", s.get("p99_loops_per_token", float("nan"))),
+            row("Median loops per token", s["median_loops_per_token"]),
+            *(row(f"{key.split('_')[0].upper()} loops per token", s[key]) for key in tails),
             f"{'Loops per layer:':<24}{bar(layers, 1.0, s['max_loops'])} "
             + " ".join(f"{v:.2f}" for v in layers),
             row("Compute saved (FLOPs)", s["compute_saved"]),
