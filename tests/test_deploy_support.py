@@ -137,8 +137,7 @@ def dashboard_variable_metrics(dashboard: dict) -> set[str]:
 
 
 def load_rules() -> list[dict]:
-    import yaml
-
+    yaml = python_tool("yaml")
     return [rule for group in yaml.safe_load(RULES.read_text())["groups"]
             for rule in group["rules"]]
 
