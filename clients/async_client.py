@@ -43,7 +43,7 @@ class AsyncStream:
                     chunk = Chunk.from_json(event)
                     self.usage = chunk.usage or self.usage
                     yield chunk
-        except httpx.TransportError as error:
+        except httpx.HTTPError as error:
             raise protocol.transport_error(error, self._url) from error
         finally:
             await self.aclose()
@@ -102,7 +102,7 @@ class AsyncClient:
     async def health(self) -> bool:
         try:
             return (await self._http.get("/health")).status_code == 200
-        except httpx.TransportError:
+        except httpx.HTTPError:
             return False
 
     async def metrics(self) -> str:
@@ -142,9 +142,9 @@ class AsyncClient:
         while True:
             try:
                 return await send()
-            except (APIStatusError, httpx.TransportError) as error:
+            except (APIStatusError, httpx.HTTPError) as error:
                 if not self.retry.should_retry(error, attempt):
-                    if isinstance(error, httpx.TransportError):
+                    if isinstance(error, httpx.HTTPError):
                         raise protocol.transport_error(error, self.base_url) from error
                     raise
                 await asyncio.sleep(self.retry.delay(error, attempt))

@@ -49,7 +49,7 @@ class Stream:
                     chunk = Chunk.from_json(event)
                     self.usage = chunk.usage or self.usage
                     yield chunk
-        except httpx.TransportError as error:
+        except httpx.HTTPError as error:
             raise protocol.transport_error(error, self._url) from error
         finally:
             self.close()
@@ -107,7 +107,7 @@ class Client:
         """True when GET /health answers 200; False on any error status or no answer."""
         try:
             return self._http.get("/health").status_code == 200
-        except httpx.TransportError:
+        except httpx.HTTPError:
             return False
 
     def metrics(self) -> str:
@@ -150,9 +150,9 @@ class Client:
         while True:
             try:
                 return send()
-            except (APIStatusError, httpx.TransportError) as error:
+            except (APIStatusError, httpx.HTTPError) as error:
                 if not self.retry.should_retry(error, attempt):
-                    if isinstance(error, httpx.TransportError):
+                    if isinstance(error, httpx.HTTPError):
                         raise protocol.transport_error(error, self.base_url) from error
                     raise
                 time.sleep(self.retry.delay(error, attempt))

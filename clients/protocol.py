@@ -101,11 +101,14 @@ def response_json(response: httpx.Response) -> dict[str, Any]:
     return data
 
 
-def transport_error(error: httpx.TransportError, url: str) -> APIConnectionError:
-    """httpx's transport failures as the clients' connection errors."""
+def transport_error(error: httpx.HTTPError, url: str) -> APIConnectionError:
+    """httpx's failures (no usable answer) as the clients' connection errors."""
+    kind = type(error).__name__
     if isinstance(error, httpx.TimeoutException):
-        return APITimeoutError(f"no answer from {url} in time ({type(error).__name__})")
-    return APIConnectionError(f"could not reach {url}: {error or type(error).__name__}")
+        return APITimeoutError(f"no answer from {url} in time ({kind})")
+    if isinstance(error, httpx.ConnectError):
+        return APIConnectionError(f"could not reach {url}: {error or kind}")
+    return APIConnectionError(f"{kind} from {url}: {error}")
 
 
 def sse_event(line: str) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from clients import (
+    APIConnectionError,
     APITimeoutError,
     AsyncClient,
     Client,
@@ -40,11 +41,16 @@ class Overloaded(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, failures: int, status: int = 429, delay: float = 0.0) -> None:
+    def __init__(self, failures: int, status: int = 429, delay: float = 0.0,
+                 truncate: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.failures, self.status, self.delay = failures, status, delay
+        self.truncate = truncate  # streams stop after their first event (a dropped connection)
         self.arrivals: list[float] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that timed out and left: the write fails, as it should
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -75,11 +81,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if self.server.truncate and isinstance(body, bytes):
+            data = data[:data.index(b"\n\n") + 2]
+            self.close_connection = True
         self.wfile.write(data)
 
 
-def serve(failures: int, status: int = 429, delay: float = 0.0) -> Iterator[Overloaded]:
-    server = Overloaded(failures, status, delay)
+def serve(failures: int, status: int = 429, delay: float = 0.0, truncate: bool = False
+          ) -> Iterator[Overloaded]:
+    server = Overloaded(failures, status, delay, truncate)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
@@ -142,6 +152,16 @@ def test_timeout_is_typed():
         with Client(server.url, timeout=0.05) as client, pytest.raises(APITimeoutError):
             client.complete("x")
         assert len(server.arrivals) == 1  # a read timeout is not retried: it may have run
+
+
+def test_a_dropped_stream_is_a_connection_error():
+    for server in serve(failures=0, truncate=True):
+        with Client(server.url) as client:
+            stream = client.stream_complete("x")
+            chunks = []
+            with pytest.raises(APIConnectionError, match="RemoteProtocolError"):
+                chunks.extend(stream)
+            assert [c.text for c in chunks] == ["4"]
 
 
 def test_bench_against_a_plain_openai_server(twice_overloaded, tmp_path):
