@@ -3,15 +3,18 @@ delays, arrivals, datasets, the summary's arithmetic, the compute bar and the PN
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import statistics
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from clients import (
+    AsyncClient,
     BadRequestError,
     Compute,
     RateLimitError,
@@ -30,7 +33,7 @@ from clients.bench.datasets import (
 from clients.bench.metrics import RequestResult, summarize, timeline
 from clients.bench.progress import Progress
 from clients.bench.report import write_report
-from clients.bench.runner import Load, error_type
+from clients.bench.runner import Load, Target, error_type, send_one
 from clients.bench.table import format_summary
 from clients.display import bar, format_compute, si
 from clients.errors import APIStatusError, parse_retry_after, status_error
@@ -239,3 +242,20 @@ def test_cached_prompt_tokens_lower_a_request_weight_in_the_layer_means():
     second = dataclasses.replace(result(0.0, 0.1, 0.4, 4, loops=[3.0, 3.0]), cached_tokens=4)
     layers = summarize([first, second], 1.0)["loops_per_layer"]
     assert layers == pytest.approx([(8 * 1.0 + 4 * 3.0) / 12] * 2)
+
+
+def test_a_malformed_response_fails_one_request_not_the_run():
+    events = ('data: {"choices": [{"index": 0, "text": "a"}]}\n\n'
+              'data: {"choices": [], "usage": {"prompt_tokens": "many"}}\n\ndata: [DONE]\n\n')
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=events, headers={"content-type": "text/event-stream"})
+
+    async def run() -> RequestResult:
+        transport = httpx.MockTransport(reply)
+        async with AsyncClient("http://test", transport=transport) as client:
+            return await send_one(client, Target(), BenchRequest(prompt="x"), 0.0)
+
+    result = asyncio.run(run())
+    assert not result.success and result.error == "invalid_response"
+    assert result.ttft is not None and result.text == "a"

@@ -142,6 +142,9 @@ async def send_one(client: AsyncClient, target: Target, request: BenchRequest, t
         on_finish(result, stream, request, target)
     except LoopserveError as error:
         result.error, result.message = error_type(error), str(error)
+    except (ValueError, TypeError) as error:  # a chunk or usage of the wrong shape
+        result.success = False
+        result.error, result.message = "invalid_response", f"{type(error).__name__}: {error}"
     result.e2el = time.perf_counter() - t0 - result.start
     return result
 
