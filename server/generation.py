@@ -158,12 +158,16 @@ class Generation:
             except Exception as exc:  # noqa: BLE001 - handed to the consumer
                 queue.put_nowait((i, exc))
 
-        self._pumps = [asyncio.ensure_future(pump(i)) for i in range(len(self.prompts))
-                       if not self.finished[i]]
-        while not all(self.finished):
+        # a pump may queue several deltas before the consumer wakes: stop on the last final
+        # delta taken from the queue, not on the finished flags the pumps set
+        running = {i for i in range(len(self.prompts)) if not self.finished[i]}
+        self._pumps = [asyncio.ensure_future(pump(i)) for i in running]
+        while running:
             i, item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
+            if item.finished:
+                running.discard(i)
             yield i, item
 
     # ------------------------------------------------------------------ cleanup
