@@ -89,7 +89,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
     path = [str(p) for p in first.get("loc", ()) if p != "body"]
     if not path:
-        return APIError(400, "the request body must be a JSON object")
+        return APIError(400, "the request body must be a JSON object, sent with "
+                             "'Content-Type: application/json'")
     name = ".".join(path)
     if first.get("type") == "missing":
         return APIError(400, f"{name} is required", param=path[0])

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import choose_encoder
 
 from engine.async_engine import AsyncEngine
@@ -56,6 +62,7 @@ class ServerMetrics:
     """The registry and its metrics for one served model."""
 
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        disable_created_metrics()  # no *_created series (process-wide, as vLLM does)
         self.engine = engine
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
