@@ -177,6 +177,21 @@ def test_echo_and_several_prompts(client):
     check_compute(result.usage.model_extra["compute"])
 
 
+def test_streaming_several_prompts_loses_no_delta(http):
+    body = {"prompt": ["one", "two", "three"], "n": 2, "max_tokens": 6, "temperature": 0.0,
+            "ignore_eos": True}
+    whole = http.post("/v1/completions", json=body).json()
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in stream_json(http, "/v1/completions", body):
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice["finish_reason"]:
+                finished.add(choice["index"])
+    assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+    assert finished == set(range(6))
+
+
 def test_token_id_prompts(client):
     one = client.completions.create(model=MODEL_NAME, prompt=[257, 104, 105], max_tokens=2)
     many = client.completions.create(model=MODEL_NAME, prompt=[[257, 104], [257, 105, 106]],
