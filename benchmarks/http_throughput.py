@@ -1,0 +1,227 @@
+"""HTTP end-to-end throughput of `loopserve serve` against the engine's offline throughput on
+the same requests, in one run.
+
+At each concurrency c, the same greedy requests (distinct prompts, fixed output length) go
+(1) through `LLM.generate` with at most c sequences per batch, and (2) over HTTP to a
+`loopserve serve` subprocess from c concurrent clients (whole responses, then SSE streams).
+The ratio http / offline is what the HTTP layer costs; time is never asserted anywhere.
+
+    python -m benchmarks.http_throughput                     # the bundled model, else a CPU model
+    python -m benchmarks.http_throughput --model DIR --concurrency 1 8 32 64 --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from engine import LLM, SamplingParams, load_model, save_model
+from engine.weights import BUNDLED_MODEL_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None,
+                        help="checkpoint dir (default: the bundled model, else a random CPU "
+                             "model of benchmarks.engine_throughput)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many rounds")
+    parser.add_argument("--requests-per-client", type=int, default=2,
+                        help="requests at concurrency c: max(8, this * c), at most --requests")
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=32, help="characters (byte tokens)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the offline engine and of the server (on a "
+                             "shared or small CPU, more threads than free cores spin-wait)")
+    parser.add_argument("--no-stream", action="store_true", help="skip the SSE measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def checkpoint(args: argparse.Namespace, scratch: Path) -> tuple[Path, str]:
+    """The model to serve and where it came from."""
+    if args.model:
+        return Path(args.model), "given"
+    if (BUNDLED_MODEL_DIR / "config.json").is_file():
+        return BUNDLED_MODEL_DIR, "bundled"
+    from benchmarks.engine_throughput import build_model
+    from benchmarks.engine_throughput import parse_args as engine_args
+
+    model = build_model(engine_args(["--device", "cpu", "--dtype", "fp32"]))
+    return save_model(model, scratch / "cpu-bench"), "random CPU model (no bundled model yet)"
+
+
+def prompts(count: int, length: int, seed: int) -> list[str]:
+    """Distinct prompts (distinct first characters too: nothing for the prefix cache)."""
+    rng = random.Random(seed)
+    letters = string.ascii_letters + string.digits
+    return [letters[i % len(letters)] + "".join(rng.choice(letters) for _ in range(length - 1))
+            for i in range(count)]
+
+
+class Offline:
+    """`LLM.generate` over the same requests, at most `max_num_seqs` sequences per batch."""
+
+    def __init__(self, model_dir: Path, args: argparse.Namespace, max_num_seqs: int) -> None:
+        self.llm = LLM(str(model_dir), device=args.device, dtype=args.dtype,
+                       max_num_seqs=max_num_seqs)
+        self.params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
+                                     ignore_eos=True)
+        self.llm.generate(["warm-up"], self.params)
+
+    def throughput(self, texts: list[str]) -> float:
+        start = time.perf_counter()
+        outputs = self.llm.generate(texts, self.params)
+        return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------- the server
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model_dir: Path, args: argparse.Namespace, max_num_seqs: int):
+    port = free_port()
+    command = [sys.executable, "-m", "loopserve_cli", "serve", "--model", str(model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
+               "--dtype", args.dtype, "--max-num-seqs", str(max_num_seqs),
+               "--max-queue", "4096", "--no-access-log", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(command, cwd=REPO, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("loopserve serve did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def _one(http: httpx.AsyncClient, body: dict, stream: bool) -> int:
+    """Completion tokens of one request (from usage: the final chunk when streaming)."""
+    if not stream:
+        response = await http.post("/v1/completions", json=body)
+        response.raise_for_status()
+        return response.json()["usage"]["completion_tokens"]
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"usage":{' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return tokens
+
+
+async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool) -> float:
+    pending = list(reversed(bodies))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await _one(http, bodies[0], stream)  # warm-up (connection, first-request paths)
+
+        async def worker() -> int:
+            tokens = 0
+            while pending:
+                tokens += await _one(http, pending.pop(), stream)
+            return tokens
+
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+        return tokens / (time.perf_counter() - start)
+
+
+def http_throughput(url: str, args: argparse.Namespace, texts: list[str], concurrency: int,
+                    stream: bool) -> float:
+    bodies = [{"prompt": t, "max_tokens": args.max_tokens, "temperature": 0.0,
+               "ignore_eos": True} for t in texts]
+    return asyncio.run(_clients(url, bodies, concurrency, stream))
+
+
+# ---------------------------------------------------------------------- the run
+def describe(model_dir: Path, source: str) -> dict:
+    cfg = load_model(model_dir).config
+    return {"source": source, "dir": str(model_dir), "d_model": cfg.d_model,
+            "n_layers": cfg.n_layers, "max_loops": cfg.max_loops, "vocab_size": cfg.vocab_size,
+            "memory_slots": [cfg.local_memory_slots, cfg.global_memory_slots]}
+
+
+def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: list[str],
+                  concurrency: int) -> dict:
+    """Best of `--repeats` rounds; each round runs offline, HTTP and SSE back to back, so a
+    burst of load from elsewhere on a shared machine hits all variants alike."""
+    count = min(args.requests, max(8, args.requests_per_client * concurrency))
+    subset = texts[:count]
+    offline = Offline(model_dir, args, concurrency)
+    runs: dict[str, list[float]] = {"offline": [], "http": [], "stream": []}
+    for _ in range(args.repeats):
+        runs["offline"].append(offline.throughput(subset))
+        runs["http"].append(http_throughput(url, args, subset, concurrency, stream=False))
+        if not args.no_stream:
+            runs["stream"].append(http_throughput(url, args, subset, concurrency, stream=True))
+    best = {name: max(values) for name, values in runs.items() if values}
+    level = {"concurrency": concurrency, "requests": count,
+             "offline_tokens_per_s": round(best["offline"], 1),
+             "http_tokens_per_s": round(best["http"], 1),
+             "http_over_offline": round(best["http"] / best["offline"], 3)}
+    if "stream" in best:
+        level.update(http_stream_tokens_per_s=round(best["stream"], 1),
+                     stream_over_offline=round(best["stream"] / best["offline"], 3))
+    level["runs_tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items() if vs}
+    print(json.dumps(level), file=sys.stderr)
+    return level
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir, source = checkpoint(args, Path(scratch))
+        texts = prompts(args.requests, args.prompt_len, args.seed)
+        with served(model_dir, args, max(args.concurrency)) as url:
+            levels = [measure_level(model_dir, url, args, texts, c) for c in args.concurrency]
+        result = {"benchmark": "http_throughput",
+                  "machine": platform.processor() or platform.machine(),
+                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                  "device": args.device, "model": describe(model_dir, source),
+                  "prompt_chars": args.prompt_len, "max_tokens": args.max_tokens,
+                  "greedy": True, "repeats": args.repeats, "levels": levels}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
