@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -39,6 +39,9 @@ def _reject_unsupported(body: SamplingRequest) -> None:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs to be true",
                                       param="top_logprobs")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, "
+                                      f"got {body.top_logprobs}", param="top_logprobs")
 
 
 def _value(value, default):

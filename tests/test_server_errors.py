@@ -13,10 +13,13 @@ C, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
 INVALID, NOT_FOUND = "invalid_request_error", "not_found_error"
 
-# (name, path, body: dict is sent as JSON, str as raw bytes, status, type, param)
+# (name, path, body: a dict is sent as JSON, str or bytes as they are, status, type, param)
 BAD_INPUTS = [
     ("malformed json", C, '{"prompt": "x",', 400, INVALID, None),
     ("body is an array", C, "[1, 2]", 400, INVALID, None),
+    ("deeply nested json", C, '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400,
+     INVALID, None),
+    ("invalid utf-8", C, b'{"prompt": "\xff\xfe"}', 400, INVALID, None),
     ("nan temperature", C, '{"prompt": "x", "temperature": NaN}', 400, INVALID, "temperature"),
     ("missing prompt", C, {"max_tokens": 3}, 400, INVALID, "prompt"),
     ("missing messages", CHAT, {"max_tokens": 3}, 400, INVALID, "messages"),
@@ -46,7 +49,7 @@ BAD_INPUTS = [
     ("n too large", CHAT, {"messages": USER, "n": 1000}, 400, INVALID, "n"),
     ("logprobs too large", C, {"prompt": "x", "logprobs": 50}, 400, INVALID, "logprobs"),
     ("top_logprobs too large", CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21},
-     400, INVALID, "logprobs"),
+     400, INVALID, "top_logprobs"),
     ("top_logprobs without logprobs", CHAT, {"messages": USER, "top_logprobs": 2}, 400,
      INVALID, "top_logprobs"),
     ("halt_threshold 1", C, {"prompt": "x", "halt_threshold": 1.0}, 400, INVALID,
@@ -129,7 +132,7 @@ def check_error(response: httpx.Response, status: int, type_: str, param: str | 
 @pytest.mark.parametrize(("name", "path", "body", "status", "type_", "param"), BAD_INPUTS,
                          ids=[row[0] for row in BAD_INPUTS])
 def test_bad_input_gets_an_openai_error(http, name, path, body, status, type_, param):
-    if isinstance(body, str):
+    if isinstance(body, (str, bytes)):
         response = http.post(path, content=body, headers={"content-type": "application/json"})
     else:
         response = http.post(path, json=body)
