@@ -12,6 +12,7 @@ Gauges of the queue and the KV pool are read live at scrape time. Each app owns 
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import (
@@ -26,6 +27,8 @@ from prometheus_client.exposition import choose_encoder
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import StepStats
 from engine.request import RequestOutput
+
+logger = logging.getLogger("loopserve.server")
 
 # vLLM's buckets where vLLM has the metric
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -157,7 +160,14 @@ class ServerMetrics:
 
     # ------------------------------------------------------------------ engine side
     def on_step(self, stats: StepStats) -> None:
-        """The engine's stats callback (runs on the engine thread)."""
+        """The engine's stats callback (runs on the engine thread, whose loop dies with any
+        exception raised here: a metrics bug is logged, never raised)."""
+        try:
+            self._record_step(stats)
+        except Exception:  # noqa: BLE001
+            logger.exception("could not record the engine step's metrics")
+
+    def _record_step(self, stats: StepStats) -> None:
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
         queries, hits = stats.prefix_queries, stats.prefix_hits

@@ -11,7 +11,17 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_helpers import MODEL_NAME, LiveServer, make_checkpoint, stream_json
+from engine import LLMEngine, StepStats, load_tokenizer
+from engine.async_engine import AsyncEngine
+from server.metrics import ServerMetrics
+from tests.conftest import make_model
+from tests.server_helpers import (
+    MODEL_NAME,
+    LiveServer,
+    engine_config,
+    make_checkpoint,
+    stream_json,
+)
 
 GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_ratio",
           "layer_memory_gate"]
@@ -145,3 +155,13 @@ def test_openmetrics_carries_request_ids_as_exemplars(traffic):
                  "request_flops", "request_mean_loops_per_token"):
         ids = exemplars[f"loopserve_{name}"]
         assert ids and ids <= {f"metrics-{i}" for i in range(4)}
+
+
+def test_a_metrics_bug_never_reaches_the_engine_thread():
+    model = make_model()
+    engine = AsyncEngine(LLMEngine(model, load_tokenizer(None, model.config), engine_config()))
+    broken = StepStats(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_preempted=-1,
+                       num_prompt_tokens=0, num_generation_tokens=0, prefix_queries=0,
+                       prefix_hits=0, active_per_call=[], layer_iterations=[1.0], layer_tokens=1,
+                       layer_gates=[])
+    ServerMetrics(engine, MODEL_NAME).on_step(broken)  # a negative increment: logged only
