@@ -8,11 +8,14 @@ import dataclasses
 from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
 from engine.request import CompletionOutput, TokenLogprob
 from engine.tokenizer import Tokenizer
 from server.errors import APIError
-from server.generation import Generation
-from server.sse import DONE, sse_event
+from server.generation import Generation, run_until_disconnect
+from server.sse import DONE, SSEResponse, sse_event
 
 
 @dataclasses.dataclass
@@ -38,9 +41,11 @@ class Choice:
 
 
 async def collect(gen: Generation, n: int) -> list[Choice]:
-    """Every choice of every prompt, in OpenAI's order (prompt-major); closes `gen`."""
+    """Start `gen`, then every choice of every prompt in OpenAI's order (prompt-major);
+    closes `gen`."""
     choices = [Choice() for _ in range(len(gen.prompts) * n)]
     try:
+        await gen.start()
         async for i, delta in gen.deltas():
             for piece in delta.outputs:
                 choices[i * n + piece.index].add(piece)
@@ -49,15 +54,34 @@ async def collect(gen: Generation, n: int) -> list[Choice]:
     return choices
 
 
-class ChunkFormat(Protocol):
+class ResponseFormat(Protocol):
+    """How a route shapes its chunks and its whole response (see routes_*.py)."""
+
     n: int
     head: dict[str, Any]
 
     def chunk(self, prompt_index: int, piece: CompletionOutput, first: bool
               ) -> dict[str, Any] | None: ...
 
+    def response(self, choices: list[Choice]) -> dict[str, Any]: ...
 
-async def stream_events(gen: Generation, fmt: ChunkFormat, include_usage: bool,
+
+async def respond(gen: Generation, fmt: ResponseFormat, stream: bool, include_usage: bool,
+                  request: Request) -> Response:
+    """Run `gen` as an SSE stream or a whole JSON response; a client that leaves aborts it.
+    A stream starts only once every prompt was admitted, so admission errors keep their
+    status code."""
+    log = request.scope["state"].setdefault("log", {})
+    if stream:
+        await run_until_disconnect(gen.start(), request)
+        return SSEResponse(stream_events(gen, fmt, include_usage, log))
+    choices = await run_until_disconnect(collect(gen, fmt.n), request)
+    result = fmt.response(choices)
+    log.update(log_fields(fmt.head["id"], result["usage"], [c.finish_reason for c in choices]))
+    return JSONResponse(result)
+
+
+async def stream_events(gen: Generation, fmt: ResponseFormat, include_usage: bool,
                         log: dict[str, Any]) -> AsyncGenerator[str, None]:
     """SSE events of a started generation: one per choice delta, the usage chunk when asked,
     an error event if it fails midway, then [DONE]. Closing it aborts what is unfinished."""

@@ -8,14 +8,13 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine.request import CompletionOutput
-from server.generation import Generation, run_until_disconnect
-from server.outputs import Choice, chat_logprobs, collect, log_fields, stream_events, usage
+from server.generation import Generation
+from server.outputs import Choice, chat_logprobs, respond, usage
 from server.params import chat_inputs, check_model
 from server.schemas import ChatCompletionRequest, ChatCompletionResponse
-from server.sse import SSEResponse
 from server.state import ServerState, server_state
 
 router = APIRouter()
@@ -68,14 +67,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prompt, params = chat_inputs(body, state.llm)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     gen = state.generation(request, response_id, [prompt], [params])
-    await run_until_disconnect(gen.start(), request)
     fmt = ChatFormat(state, body, gen, response_id)
-    log = request.scope["state"].setdefault("log", {})
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(stream_events(gen, fmt, include_usage, log))
-    choices = await run_until_disconnect(collect(gen, body.n), request)
-    result = fmt.response(choices)
-    log.update(log_fields(response_id, result["usage"], [c.finish_reason for c in choices]))
-    return JSONResponse(result)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(gen, fmt, body.stream, include_usage, request)
 

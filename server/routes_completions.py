@@ -8,15 +8,14 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine.request import CompletionOutput
 from engine.tokenizer import Tokenizer
-from server.generation import Generation, run_until_disconnect
-from server.outputs import collect, completion_logprobs, log_fields, stream_events, usage
+from server.generation import Generation
+from server.outputs import completion_logprobs, respond, usage
 from server.params import check_model, completion_inputs, prompt_list
 from server.schemas import CompletionRequest, CompletionResponse
-from server.sse import SSEResponse
 from server.state import ServerState, server_state
 
 router = APIRouter()
@@ -85,14 +84,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         prompts, params = completion_inputs(body, state.llm, state.settings.max_prompts)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     gen = state.generation(request, response_id, prompts, params)
-    await run_until_disconnect(gen.start(), request)
     fmt = CompletionFormat(state, body, gen, response_id)
-    log = request.scope["state"].setdefault("log", {})
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(stream_events(gen, fmt, include_usage, log))
-    choices = await run_until_disconnect(collect(gen, body.n), request)
-    result = fmt.response(choices)
-    log.update(log_fields(response_id, result["usage"], [c.finish_reason for c in choices]))
-    return JSONResponse(result)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(gen, fmt, body.stream, include_usage, request)
 
