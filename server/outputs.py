@@ -1,5 +1,6 @@
-"""Shared by both generation routes: accumulating choices, `usage` with the request's
-compute (DESIGN section 6), logprobs in OpenAI's two formats, and the request's log fields.
+"""Shared by both generation routes: running a generation as a whole JSON response or as
+an SSE stream, accumulating choices, `usage` with the request's compute (DESIGN section 6),
+logprobs in OpenAI's two formats, and the request's access-log fields.
 """
 
 from __future__ import annotations
