@@ -62,10 +62,10 @@ class AsyncEngine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None,
                         config: EngineConfig | None = None, max_queue: int = 256,
-                        stats_callback: Callable[[StepStats], None] | None = None
-                        ) -> AsyncEngine:
+                        stats_callback: Callable[[StepStats], None] | None = None,
+                        stall_timeout: float = 60.0) -> AsyncEngine:
         engine = LLMEngine.from_pretrained(model_dir, config, stats_callback=stats_callback)
-        return cls(engine, max_queue=max_queue)
+        return cls(engine, max_queue=max_queue, stall_timeout=stall_timeout)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> AsyncEngine:
@@ -158,7 +158,7 @@ class AsyncEngine:
                 raise InvalidRequestError(f"request id {request_id!r} is already in flight")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
             self._pending_adds += 1
-        self._commands.put(("add", request_id, prompt_ids, params))
+        self._commands.put(("add", request_id, (prompt_ids, time.monotonic()), params))
         self._wake.set()
         return request_id
 
@@ -174,8 +174,7 @@ class AsyncEngine:
                 self._apply_commands()
                 self._busy = self.engine.has_unfinished()
                 if self._busy:
-                    for output in self.engine.step():
-                        self._deliver(output.request_id, output)
+                    self._deliver_all(self.engine.step())
                 else:
                     self._wake.wait(0.1)
                     self._wake.clear()
@@ -189,21 +188,25 @@ class AsyncEngine:
     def _apply_commands(self) -> None:
         while True:
             try:
-                kind, request_id, prompt_ids, params = self._commands.get_nowait()
+                kind, request_id, payload, params = self._commands.get_nowait()
             except queue.Empty:
                 return
             if kind == "add":
-                self._add(request_id, prompt_ids, params)
+                prompt_ids, arrival_time = payload
+                self._add(request_id, prompt_ids, params, arrival_time)
             else:
                 final = self.engine.abort_request(request_id)
                 if final is not None:
                     self._deliver(request_id, final)
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+             arrival_time: float) -> None:
         try:
             if request_id in self._streams:
-                self.engine.add_request(request_id, prompt_ids, params)
-        except InvalidRequestError as exc:
+                self.engine.add_request(request_id, prompt_ids, params, arrival_time)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
+            if not isinstance(exc, InvalidRequestError):
+                logger.exception("request %s could not be added", request_id)
             self._deliver(request_id, exc)
         finally:
             with self._lock:
@@ -216,7 +219,23 @@ class AsyncEngine:
         with contextlib.suppress(RuntimeError):  # the caller's event loop may be closed
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """One hand-off per event loop per step, not one wake-up per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's event loop may be closed
+                loop.call_soon_threadsafe(_put_all, items)
+
     def _fail_all(self) -> None:
         reason = f"engine loop died: {self._error!r}" if self._error else "engine shut down"
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError(reason))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for target, output in items:
+        target.put_nowait(output)

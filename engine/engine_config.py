@@ -27,6 +27,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     mode: str = "adaptive"  # or "max_depth": every token runs N loops (for comparison)
     seed: int = 0
+    num_threads: int | None = None  # CPU threads of torch (process-wide); None: torch's choice
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -39,6 +40,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory_mb must be > 0, got {self.kv_cache_memory_mb}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

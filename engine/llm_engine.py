@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from engine.tokenizer import Tokenizer, load_tokenizer
 from engine.weights import load_model
+
+logger = logging.getLogger("loopserve.engine")
 
 
 @dataclasses.dataclass
@@ -51,6 +54,8 @@ class LLMEngine:
     def __init__(self, model: LoopLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  stats_callback: Callable[[StepStats], None] | None = None) -> None:
         self.config = config or EngineConfig()
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)  # process-wide, as torch has it
         self.model = model.eval()
         self.model_config = model.config
         self.tokenizer = tokenizer
@@ -128,7 +133,8 @@ class LLMEngine:
                 param="max_tokens")
 
     def add_request(self, request_id: str | None, prompt: str | list[int],
-                    params: SamplingParams | None = None) -> str:
+                    params: SamplingParams | None = None, arrival_time: float | None = None
+                    ) -> str:
         params = params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
         self.check_request(prompt_ids, params)
@@ -145,6 +151,8 @@ class LLMEngine:
                 halt_threshold=params.resolved_threshold(cfg), max_loops=max_loops,
                 compute=ComputeTracker(cfg, max_loops), eos_token_id=self.tokenizer.eos_token_id,
                 max_total_tokens=self.max_model_len)
+            if arrival_time is not None:
+                child.arrival_time = arrival_time
             child.detokenizer = self.tokenizer.stream_decoder()
             children.append(child)
             self.scheduler.add(child)
@@ -274,11 +282,18 @@ class LLMEngine:
                 num_sampled: int) -> None:
         if self.stats_callback is None:
             return
+        try:
+            self.stats_callback(self._step_stats(schedule, step_input, result, num_sampled))
+        except Exception:  # noqa: BLE001 - metrics must never stop the engine
+            logger.exception("stats callback failed")
+
+    def _step_stats(self, schedule: SchedulerOutput, step_input: StepInput, result: StepOutput,
+                    num_sampled: int) -> StepStats:
         prompt_tokens = sum(
             max(0, min(c.start + c.num_tokens, c.request.prompt_len) - c.start)
             for c in schedule.chunks)
         gates = result.gates.mean(0).tolist() if result.gates.numel() else []
-        self.stats_callback(StepStats(
+        return StepStats(
             num_running=self.num_running, num_waiting=self.num_waiting,
             kv_cache_usage=self.block_manager.usage(), num_preempted=len(schedule.preempted),
             num_prompt_tokens=prompt_tokens, num_generation_tokens=num_sampled,
@@ -286,7 +301,7 @@ class LLMEngine:
             prefix_hits=self.block_manager.prefix_hits,
             active_per_call=result.active_per_call,
             layer_iterations=result.depths.sum(0).tolist(), layer_tokens=len(step_input.token_ids),
-            layer_gates=gates))
+            layer_gates=gates)
 
 
 def _bundled_dir() -> Path:

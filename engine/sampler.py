@@ -48,6 +48,8 @@ class Sampler:
         if params.greedy:
             return int(logits.argmax())
         probs = filtered_probs(logits, params)
+        if not bool(torch.isfinite(probs).all()):  # extreme settings underflowed: be greedy
+            return int(logits.argmax())
         generator = request.generator or self.generator
         # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
         noise = torch.empty_like(probs).exponential_(generator=generator)

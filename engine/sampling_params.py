@@ -11,6 +11,8 @@ from engine.errors import InvalidRequestError
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_N = 16
+MAX_SEED = 2**63 - 1 - MAX_N  # seed + choice index must fit a torch generator seed
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does)
 
 
 def _fail(param: str, message: str) -> None:
@@ -79,8 +81,8 @@ class SamplingParams:
             _fail("stop", "stop strings must be non-empty strings")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             _fail("stop_token_ids", "stop_token_ids must be non-negative integers")
-        if self.seed is not None and not _is_int(self.seed):
-            _fail("seed", f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            _fail("seed", f"seed must be an integer between 0 and {MAX_SEED}, got {self.seed!r}")
 
     def _check_sampling(self) -> None:
         if not _is_number(self.temperature) or self.temperature < 0:
@@ -112,7 +114,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Greedy below SAMPLING_EPS: 1 / temperature would overflow the logits."""
+        return self.temperature < SAMPLING_EPS
 
     def check_against(self, config: ModelConfig) -> None:
         """Checks that need the model: max_loops <= N and stop token ids in the vocabulary."""

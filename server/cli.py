@@ -94,6 +94,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--no-prefix-caching", "disable the prefix cache", type_=None)
     _add(p, "--no-chunked-prefill", "schedule whole prompts only", type_=None)
     _add(p, "--seed", "the engine's sampling seed", 0, int)
+    _add(p, "--num-threads", "CPU threads for torch (default: torch's choice)", None, int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +121,8 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, EngineConfi
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
-        enable_prefix_caching=not args.no_prefix_caching, mode=args.mode, seed=args.seed)
+        enable_prefix_caching=not args.no_prefix_caching, mode=args.mode, seed=args.seed,
+        num_threads=args.num_threads)
     return settings, config
 
 

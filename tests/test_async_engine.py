@@ -142,3 +142,32 @@ def test_drain_refuses_new_requests_and_finishes_in_flight():
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_a_request_that_fails_to_add_or_a_failing_stats_callback_keeps_the_loop_alive():
+    engine = make_engine()
+    real_add = engine.engine.add_request
+
+    def picky_add(request_id, prompt, params, arrival_time=None):
+        if params.max_tokens == 3:
+            raise ValueError("unexpected trouble")
+        return real_add(request_id, prompt, params, arrival_time)
+
+    def broken_callback(stats):
+        raise RuntimeError("metrics exploded")
+
+    engine.engine.add_request = picky_add
+    engine.engine.stats_callback = broken_callback
+    engine.start()
+
+    async def main():
+        with pytest.raises(ValueError, match="unexpected trouble"):
+            await collect(engine, "bad", SamplingParams(max_tokens=3))
+        deltas = await collect(engine, "good")
+        assert deltas[-1].finished
+
+    try:
+        asyncio.run(main())
+        assert engine.health().ok
+    finally:
+        engine.shutdown()

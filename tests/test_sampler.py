@@ -118,6 +118,7 @@ def test_eos_ends_unless_ignored():
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"halt_threshold": 1.0}, "halt_threshold"),
     ({"halt_threshold": -0.5}, "halt_threshold"), ({"max_loops": 0}, "max_loops"),
     ({"stop": [""]}, "stop"), ({"stop": ["x"] * 17}, "stop"), ({"seed": "abc"}, "seed"),
+    ({"seed": 2**70}, "seed"), ({"seed": -1}, "seed"),
     ({"temperature": float("nan")}, "temperature"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
 ])
 def test_bad_sampling_params_raise_typed_errors(kwargs, param):
@@ -130,3 +131,11 @@ def test_bad_sampling_params_raise_typed_errors(kwargs, param):
 def test_max_loops_is_checked_against_the_model():
     with pytest.raises(InvalidRequestError, match="max_loops must be between 1 and 3, got 7"):
         SamplingParams(max_loops=7).check_against(CFG)
+
+
+def test_vanishing_temperature_or_top_p_is_greedy_not_garbage():
+    logits = torch.randn(3, 264, generator=torch.Generator().manual_seed(1))
+    for params in (SamplingParams(temperature=1e-300), SamplingParams(top_p=1e-300),
+                   SamplingParams(temperature=1e-30, top_p=1e-300)):
+        out = Sampler()(logits, [request_with(params)] * 3)
+        assert out.token_ids == logits.argmax(-1).tolist()
