@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.layers import RMSNorm, SwiGLU, apply_rotary
+from engine.layers import RMSNorm, SwiGLU, apply_rotary, rms_norm_heads
 from engine.memory import LayerMemory, MemoryBank
 
 
@@ -53,13 +53,15 @@ class LoopBlock(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., D] -> q [..., H, hd], k, v [..., Hkv, hd]; q and k normed and rotated."""
         cfg = self.cfg
-        q, k, v = self.qkv(self.attn_norm(x)).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
-        q = q.unflatten(-1, (cfg.n_heads, cfg.head_dim))
-        k = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
-        v = v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
-        q = apply_rotary(self.q_norm(q), cos, sin)
-        k = apply_rotary(self.k_norm(k), cos, sin)
-        return q, k, v
+        heads = cfg.n_heads + cfg.n_kv_heads
+        qkv = self.qkv(self.attn_norm(x))  # [..., (H + 2 Hkv) * hd]
+        qk = qkv[..., :heads * cfg.head_dim].unflatten(-1, (heads, cfg.head_dim))
+        v = qkv[..., heads * cfg.head_dim:].unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
+        # q and k heads side by side: one norm (each with its own weight), one rotation
+        weight = torch.cat((self.q_norm.weight.expand(cfg.n_heads, -1),
+                            self.k_norm.weight.expand(cfg.n_kv_heads, -1)))  # [heads, hd]
+        qk = apply_rotary(rms_norm_heads(qk, weight, cfg.norm_eps), cos, sin)
+        return qk[..., :cfg.n_heads, :], qk[..., cfg.n_heads:, :], v
 
     def step_scale(self, step: int) -> torch.Tensor:
         """s_t = softplus(alpha_t) for 1-based `step` (a 0-d tensor)."""

@@ -17,8 +17,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., dim]; computed in fp32 for stability, returned in x's dtype
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return normed.to(x.dtype)
+
+
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalise each head of x [..., heads, hd] in fp32, with per-head weights
+    [heads, hd] (the q and k norms applied in one call)."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight.float()
+    return normed.to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -40,7 +49,8 @@ class Rotary(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., heads, head_dim] by the angles in cos/sin [..., 1, head_dim / 2]."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
 

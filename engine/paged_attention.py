@@ -58,6 +58,8 @@ class AttentionPlan:
                ) -> torch.Tensor:
         """Attention output [A, H * hd] for active flat tokens `active` [A] (sorted) with
         queries q [A, H, hd], reading plane `plane` (0-based) of one layer's `cache`."""
+        if not self.prefills:  # decodes only: no slicing to do
+            return self._attend_decodes(cache, plane, active, q)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         bounds = torch.searchsorted(active, self._slice_starts(active.device)).tolist()
         if bounds[0] > 0:

@@ -68,8 +68,9 @@ class ActiveTokens:
 
     def select(self, keep: torch.Tensor, state: torch.Tensor) -> ActiveTokens:
         """The rows in `keep` [A] bool, with their new hidden state [A', D]."""
-        fields = {f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)
-                  if f.name != "state"}
+        rows = keep.nonzero().squeeze(1)  # one mask-to-index conversion for every field
+        fields = {f.name: getattr(self, f.name).index_select(0, rows)
+                  for f in dataclasses.fields(self) if f.name != "state"}
         return ActiveTokens(state=state, **fields)
 
 
@@ -182,7 +183,7 @@ class ModelRunner:
             self._copy_halted_kv(cache, tokens.blocks[halted], tokens.offsets[halted],
                                  kv[halted], step)
             keep = ~halted
-            tokens = tokens.select(keep, h_step[keep])
+            tokens = tokens.select(keep, h_step[keep])  # the regrouping: a smaller batch
             if tokens.ids.numel() == 0:
                 break
         return result
