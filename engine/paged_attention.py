@@ -14,6 +14,7 @@ chunk of several tokens get one causal call each.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ class AttentionPlan:
     decode_key_valid: torch.Tensor  # [S_d, W * block_size] bool: position < context length
     prefills: list[PrefillSlice]
     positions: torch.Tensor  # [T] position of each flat token
+    prefill_blocks: torch.Tensor  # [P, Wp] the prefills' block tables, padded with block 0
+    prefill_ends: torch.Tensor  # [P] flat index one past each prefill's last token
 
     @classmethod
     def build(cls, block_tables: list[list[int]], starts: list[int], lengths: list[int],
@@ -52,7 +55,13 @@ class AttentionPlan:
                                   device=device)
             prefills.append(PrefillSlice(token, token + length, blocks, context))
             token += length
-        return cls(num_decodes, dec_blocks, dec_valid, prefills, positions)
+        widths = [p.blocks.numel() for p in prefills]
+        padded = torch.zeros(len(prefills), max(widths, default=1), dtype=torch.long,
+                             device=device)
+        for row, piece in enumerate(prefills):
+            padded[row, :piece.blocks.numel()] = piece.blocks
+        ends = torch.tensor([p.token_end for p in prefills], dtype=torch.long, device=device)
+        return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded, ends)
 
     def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor, q: torch.Tensor
                ) -> torch.Tensor:
@@ -65,11 +74,45 @@ class AttentionPlan:
         if bounds[0] > 0:
             out[:bounds[0]] = self._attend_decodes(cache, plane, active[:bounds[0]],
                                                    q[:bounds[0]])
+        counts = [hi - lo for lo, hi in itertools.pairwise(bounds)]
+        if self._pad_is_cheap(counts):
+            out[bounds[0]:] = self._attend_prefills_padded(cache, plane, active[bounds[0]:],
+                                                           q[bounds[0]:], counts)
+            return out
         for i, piece in enumerate(self.prefills):
             lo, hi = bounds[i], bounds[i + 1]
             if hi > lo:
                 out[lo:hi] = self._attend_prefill(cache, plane, piece, active[lo:hi], q[lo:hi])
         return out
+
+    def _pad_is_cheap(self, counts: list[int]) -> bool:
+        """One padded call for every prefill when padding at most doubles the work."""
+        if len(self.prefills) < 2 or sum(counts) == 0:
+            return False
+        width = self.prefill_blocks.shape[1]
+        real = sum(n * p.blocks.numel() for n, p in zip(counts, self.prefills, strict=True))
+        return len(counts) * max(counts) * width <= 2 * real
+
+    def _attend_prefills_padded(self, cache: torch.Tensor, plane: int, tokens: torch.Tensor,
+                                q: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """All prefills in one call: queries padded to [P, Lq], keys to [P, Wp * bs]."""
+        rows = torch.searchsorted(self.prefill_ends, tokens, right=True)  # [A_p] prefill
+        counts_t = torch.tensor(counts, device=q.device)
+        firsts = torch.cumsum(counts_t, 0) - counts_t
+        cols = torch.arange(tokens.numel(), device=q.device) - firsts[rows]  # [A_p]
+        num, longest = len(counts), max(counts)
+        q_pad = q.new_zeros(num, longest, *q.shape[1:])  # [P, Lq, H, hd]
+        q_pad[rows, cols] = q
+        pos = torch.zeros(num, longest, dtype=torch.long, device=q.device)  # pad rows: key 0
+        pos[rows, cols] = self.positions[tokens]
+        kv = cache[self.prefill_blocks, plane]  # [P, Wp, 2, bs, Hkv, hd]
+        k, v = kv[:, :, 0].flatten(1, 2), kv[:, :, 1].flatten(1, 2)  # [P, C, Hkv, hd]
+        keys = torch.arange(k.shape[1], device=q.device)
+        mask = keys[None, None, :] <= pos[:, :, None]  # [P, Lq, C]
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask[:, None], enable_gqa=True)  # [P, H, Lq, hd]
+        return out.transpose(1, 2)[rows, cols].flatten(1)  # [A_p, H * hd]
 
     def _slice_starts(self, device: torch.device) -> torch.Tensor:
         starts = [self.num_decodes] + [p.token_end for p in self.prefills]

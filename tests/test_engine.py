@@ -208,3 +208,30 @@ def test_engine_config_errors_name_the_fix(model):
         LLM(model, enable_chunked_prefill=False, max_num_batched_tokens=64)
     with pytest.raises(ConfigError, match="mode must be one of"):
         LLM(model, mode="fast")
+
+
+@pytest.mark.parametrize("lengths", [(20, 22, 24, 21, 23, 20), (4, 40, 5, 3)])
+def test_batched_and_per_sequence_prefill_attention_equal_reference(model, lengths, monkeypatch):
+    """Prompts of similar lengths take the padded all-prefills call, very different ones
+    the per-sequence calls; both must match the reference."""
+    from engine.paged_attention import AttentionPlan
+
+    used = {"padded": 0, "per_sequence": 0}
+    padded, single = AttentionPlan._attend_prefills_padded, AttentionPlan._attend_prefill
+
+    def count(name, real):
+        def wrapper(*args, **kwargs):
+            used[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(AttentionPlan, "_attend_prefills_padded", count("padded", padded))
+    monkeypatch.setattr(AttentionPlan, "_attend_prefill", count("per_sequence", single))
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+    llm = LLM(model, num_kv_blocks=128, block_size=4, max_num_batched_tokens=1024)
+    recorder = LogitRecorder(llm)
+    check_against_reference(model, llm, prompts, mixed_params(len(prompts), max_tokens=4),
+                            recorder)
+    similar = max(lengths) < 2 * min(lengths)
+    assert used["padded" if similar else "per_sequence"] > 0
