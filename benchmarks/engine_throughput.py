@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--router-std", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is steadier on a shared machine)")
     return parser.parse_args(argv)
 
 
@@ -138,6 +140,8 @@ def bench_batch(adaptive: LLM, max_depth: LLM, batch: int, args, rates: dict,
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build_model(args)
     dtype = model.dtype
     rates = {"matmul": matmul_rate(args.device, dtype), "copy": copy_rate(args.device)}
