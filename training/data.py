@@ -14,7 +14,7 @@ share one, whatever the rendering:
 
 - arithmetic: a stable hash of the canonical problem (a+b and b+a are one problem) picks
   the split (5% test, 5% validation);
-- facts: the fact itself must be learned, so what is held out is the *question*: of the six
+- facts: the fact itself must be learned, so what is held out is the *question*: of the ten
   phrasings of each fact, one is test-only and one validation-only (a seeded choice per
   fact). Test fact recall therefore asks every fact in a phrasing never trained for it.
 
@@ -46,13 +46,19 @@ ARITHMETIC_QUESTIONS = ("What is {}?", "Compute {}.", "Calculate {}.")
 FACT_QUESTIONS = {
     "capital": ("What is the capital of {}?", "Which city is the capital of {}?",
                 "Name the capital of {}.", "Tell me the capital of {}.",
-                "What city is {}'s capital?", "The capital of {} is which city?"),
+                "What city is {}'s capital?", "The capital of {} is which city?",
+                "What's the capital city of {}?", "Do you know the capital of {}?",
+                "{} has which city as its capital?", "Give the capital of {}."),
     "currency": ("What is the currency of {}?", "Which currency is used in {}?",
                  "Name the currency of {}.", "Tell me the currency of {}.",
-                 "What currency does {} use?", "The currency of {} is called what?"),
+                 "What currency does {} use?", "The currency of {} is called what?",
+                 "What's the currency in {}?", "Do you know the currency of {}?",
+                 "{} pays with which currency?", "Give the currency of {}."),
     "river": ("What is the longest river in {}?", "Which river is the longest in {}?",
               "Name the longest river in {}.", "Tell me the longest river in {}.",
-              "What river is {}'s longest?", "The longest river in {} is which one?"),
+              "What river is {}'s longest?", "The longest river in {} is which one?",
+              "What's the longest river of {}?", "Do you know the longest river in {}?",
+              "{} has which river as its longest?", "Give the longest river in {}."),
 }
 RELATIONS = tuple(FACT_QUESTIONS)
 TEST_PERCENT, VAL_PERCENT = 5, 5
@@ -202,7 +208,7 @@ def _fresh_name(rng: random.Random, kind: str, used: set[str]) -> str:
 
 
 def fact_phrasing_split(country: str, relation: str, seed: int) -> dict[int, str]:
-    """Which phrasing of this fact belongs to which split: one test, one val, four train."""
+    """Which phrasing of this fact belongs to which split: one test, one val, the rest train."""
     order = list(range(len(FACT_QUESTIONS[relation])))
     random.Random(f"phrasing:{seed}:{country}:{relation}").shuffle(order)
     return {p: ("test" if i == 0 else "val" if i == 1 else "train") for i, p in enumerate(order)}
@@ -239,8 +245,8 @@ class Mixture:
     """How often each task and each difficulty is drawn for training."""
 
     task_weights: tuple[tuple[str, float], ...] = (
-        ("add", 0.30), ("sub", 0.12), ("mul", 0.12), ("expr", 0.08), ("fact", 0.38))
-    difficulty_weights: tuple[float, ...] = (0.1, 0.3, 0.35, 0.25)  # digits 1..4
+        ("add", 0.40), ("sub", 0.10), ("mul", 0.10), ("expr", 0.05), ("fact", 0.35))
+    difficulty_weights: tuple[float, ...] = (0.1, 0.35, 0.4, 0.15)  # digits 1..4
     chat_fraction: float = 0.5
 
 
@@ -275,7 +281,8 @@ class Corpus:
         if task != "fact":
             return arithmetic_problem(task, difficulty, rng)
         country, relation = rng.choice(self.world.countries), rng.choice(RELATIONS)
-        return fact_problem(self.world, country, relation, rng.randrange(6))
+        return fact_problem(self.world, country, relation,
+                            rng.randrange(len(FACT_QUESTIONS[relation])))
 
     def sample(self, split: str, rng: random.Random) -> Example:
         """One training-style example of `split`, task and difficulty drawn by the mixture."""
