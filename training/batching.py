@@ -50,6 +50,7 @@ class TeacherForced:
     """Per-example results of one teacher-forced forward."""
 
     correct: torch.Tensor  # [B] bool: every answer token is the argmax
+    predicted: torch.Tensor  # [B, T] argmax at every position
     depths: torch.Tensor  # [B, T, L]
     gates: torch.Tensor  # [B, T, L, 2]
     batch: Batch
@@ -62,5 +63,6 @@ def teacher_forced(model: LoopLM, examples: Sequence[Example], threshold: float 
     batch = collate(examples, model.config.pad_token_id)
     out = model.reference_forward(batch.ids, halt_threshold=threshold)
     scored = batch.targets != IGNORE
-    right = (out.logits.argmax(-1) == batch.targets) | ~scored
-    return TeacherForced(right.all(dim=1), out.depths, out.memory_gates, batch)
+    predicted = out.logits.argmax(-1)
+    right = (predicted == batch.targets) | ~scored
+    return TeacherForced(right.all(dim=1), predicted, out.depths, out.memory_gates, batch)

@@ -11,8 +11,10 @@ Measures, with greedy decoding (training/decode.py):
   answer) and against difficulty; memory-gate activity per layer and bank;
 - compute saved = 1 - FLOPs / FLOPs at max depth (engine/compute.py) over what a server
   would run: the prompt plus the generated tokens, logits at the positions that sample;
-- a threshold sweep (teacher-forced exact match, which equals greedy exact match) that
-  shows the accuracy / compute trade-off the default threshold was chosen from.
+- answer cross-entropy (teacher-forced) in both semantics;
+- a threshold sweep (teacher-forced exact match, which equals greedy exact match, and
+  argmax agreement with exact semantics) that shows the accuracy / agreement / compute
+  trade-off the default threshold was chosen from.
 
 Writes eval.json and eval.png (matplotlib) into --out.
 """
@@ -30,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from engine.compute import token_flops
 from engine.model import LoopLM
 from engine.weights import BUNDLED_MODEL_DIR, load_model
-from training.batching import chunks, teacher_forced
+from training.batching import IGNORE, chunks, collate, teacher_forced
 from training.data import Corpus, Example
 from training.decode import forward_each, greedy_decode
 
@@ -103,6 +106,21 @@ def token_agreement(model: LoopLM, exact: list[Decoded], threshold: float) -> fl
     return agree / max(total, 1)
 
 
+@torch.no_grad()
+def answer_cross_entropy(model: LoopLM, examples: Sequence[Example], threshold: float | None
+                         ) -> float:
+    """Mean cross-entropy of the reference answers' tokens (teacher-forced); finer than exact
+    match for comparing checkpoints that still get most answers wrong."""
+    total, count = 0.0, 0
+    for part in chunks(examples, 128):
+        batch = collate(part, model.config.pad_token_id)
+        logits = model.reference_forward(batch.ids, halt_threshold=threshold).logits
+        total += F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
+                                 ignore_index=IGNORE, reduction="sum").item()
+        count += int((batch.targets != IGNORE).sum())
+    return total / max(count, 1)
+
+
 # ---------------------------------------------------------------------- aggregation
 def cell(example: Example) -> tuple[str, int]:
     return example.problem.task, example.problem.difficulty
@@ -117,6 +135,15 @@ def accuracy_table(items: list[Decoded]) -> dict[str, dict[str, float]]:
     for (task, difficulty), values in sorted(hits.items()):
         table[task][str(difficulty)] = round(sum(values) / len(values), 4)
     return dict(table)
+
+
+def cell_counts(examples: Sequence[Example]) -> dict[str, dict[str, int]]:
+    """{task: {difficulty: number of examples}} (each problem counts once per format)."""
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for example in examples:
+        task, difficulty = cell(example)
+        counts[task][str(difficulty)] = counts[task].get(str(difficulty), 0) + 1
+    return {task: dict(sorted(cells.items())) for task, cells in sorted(counts.items())}
 
 
 def accuracy_of(items: list[Decoded], task: str, difficulties: Sequence[int],
@@ -171,24 +198,30 @@ def _rounded(values: torch.Tensor) -> list[float]:
 @torch.no_grad()
 def threshold_sweep(model: LoopLM, examples: list[Example], thresholds: Sequence[float]
                     ) -> list[dict[str, float]]:
-    """Teacher-forced exact match, mean loops and compute saved (prompt + answer) per eps."""
-    rows = []
-    for eps in thresholds:
-        correct, items = [], []
-        for part in chunks(examples, 128):
-            tf = teacher_forced(model, part, eps)
-            correct += tf.correct.tolist()
-            for row, example in enumerate(part):
-                n = len(example.ids) - 1
-                items.append(Decoded(example, example.answer_ids, True,
-                                     depths=tf.depths[row, :n]))
-        for item in items:
-            item.flops, item.flops_max_depth = sequence_flops(model, item)
-        rows.append({"threshold": eps, "accuracy": round(sum(correct) / len(correct), 4),
-                     "mean_loops": round(torch.cat([i.depths for i in items]).float()
-                                         .mean().item(), 4),
-                     "compute_saved": compute_saved(items)["all"]})
-    return rows
+    """Per threshold, teacher-forced on the reference answers: exact match, agreement of the
+    answer-position argmax with exact semantics, mean loops and compute saved."""
+    parts = list(chunks(examples, 128))
+    reference = [teacher_forced(model, part, None).predicted for part in parts]
+    return [_sweep_row(model, parts, reference, eps) for eps in thresholds]
+
+
+def _sweep_row(model: LoopLM, parts: list[Sequence[Example]], reference: list[torch.Tensor],
+               eps: float) -> dict[str, float]:
+    correct, items, agree, scored_total = [], [], 0, 0
+    for part, exact_argmax in zip(parts, reference, strict=True):
+        tf = teacher_forced(model, part, eps)
+        correct += tf.correct.tolist()
+        scored = tf.batch.targets != IGNORE
+        agree += int(((tf.predicted == exact_argmax) & scored).sum())
+        scored_total += int(scored.sum())
+        items += [Decoded(e, e.answer_ids, True, depths=tf.depths[row, :len(e.ids) - 1])
+                  for row, e in enumerate(part)]
+    for item in items:
+        item.flops, item.flops_max_depth = sequence_flops(model, item)
+    return {"threshold": eps, "accuracy": round(sum(correct) / len(correct), 4),
+            "agreement": round(agree / max(scored_total, 1), 4),
+            "mean_loops": round(torch.cat([i.depths for i in items]).float().mean().item(), 4),
+            "compute_saved": compute_saved(items)["all"]}
 
 
 # ---------------------------------------------------------------------- the report
@@ -204,8 +237,12 @@ def evaluate(model: LoopLM, examples: list[Example], threshold: float, max_new_t
         "threshold": threshold,
         "max_loops": model.config.max_loops,
         "test_examples": len(examples),
+        "test_counts": cell_counts(examples),
         "accuracy": {"exact": accuracy_table(exact), "adaptive": accuracy_table(adaptive)},
         "token_agreement": round(token_agreement(model, exact, threshold), 4),
+        "answer_cross_entropy": {
+            "exact": round(answer_cross_entropy(model, examples, None), 4),
+            "adaptive": round(answer_cross_entropy(model, examples, threshold), 4)},
         "sequence_agreement": round(sum(same) / len(same), 4),
         **loops,
         "memory_gate_per_layer": gate_stats(adaptive),
