@@ -63,9 +63,40 @@ def _loops_by_difficulty(ax: Any, report: dict[str, Any]) -> None:
 def _threshold_sweep(ax: Any, report: dict[str, Any]) -> None:
     rows = report["threshold_sweep"]
     eps = [r["threshold"] for r in rows]
-    ax.plot(eps, [r["accuracy"] for r in rows], marker="o", label="exact match (all tasks)")
+    ax.plot(eps, [r["accuracy"] for r in rows], marker="o", label="exact match (teacher-forced)")
+    ax.plot(eps, [r["agreement"] for r in rows], marker="^", label="agreement with exact")
     ax.plot(eps, [r["compute_saved"] for r in rows], marker="s", label="compute saved")
     ax.axvline(report["threshold"], linestyle=":", color="gray", label="default threshold")
     ax.set(xlabel="halting threshold", ylabel="fraction", title="Threshold trade-off",
            ylim=(0, 1))
     ax.legend()
+
+
+def plot_training(records: list[dict[str, Any]], path: Path) -> None:
+    """Loss, validation exact match and expected loops per layer over a run's log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("event") == "train"]
+    val = [r for r in records if r.get("event") == "val"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot([r["step"] for r in train], [r["ce"] for r in train])
+    axes[0].set(xlabel="step", ylabel="answer cross-entropy", yscale="log", title="Training loss")
+    for task in ("add2", "add3", "fact", "sub3", "mul3", "expr"):
+        if val and task in val[-1]["adaptive_acc"]:
+            axes[1].plot([r["step"] for r in val], [r["adaptive_acc"][task] for r in val],
+                         marker="o", label=task)
+    axes[1].set(xlabel="step", ylabel="exact match (teacher-forced)", ylim=(0, 1),
+                title="Validation, adaptive semantics")
+    axes[1].legend()
+    layers = len(train[0]["expected_steps"]) if train else 0
+    for layer in range(layers):
+        axes[2].plot([r["step"] for r in train], [r["expected_steps"][layer] for r in train],
+                     label=f"layer {layer + 1}")
+    axes[2].set(xlabel="step", ylabel="expected loop steps", title="Loops per layer (training)")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
