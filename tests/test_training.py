@@ -98,6 +98,7 @@ def test_eval_report_has_every_number(tmp_path):
                 "memory_gate_per_layer", "compute_saved", "targets", "threshold_sweep"):
         assert key in report
     assert 0.0 <= report["token_agreement"] <= 1.0
+    assert report["threshold_sweep"][0]["compute_saved"] == 0.0  # eps 0: every step runs
     assert len(report["loops_per_layer"]) == TINY.n_layers
     report.update(model="tiny", split="test")
     plot_eval(report, tmp_path / "eval.png")

@@ -22,6 +22,7 @@ from engine.config import ModelConfig
 from training import evaluate
 from training.data import DIFFICULTIES, FACT_QUESTIONS, Corpus, Mixture
 from training.plots import plot_training
+from training.train import TrainConfig, lr_at
 
 NOTES_MARKER = "<!-- notes: written by hand below this line; training/card.py keeps them -->"
 TARGETS = (  # (label, key in the eval report, goal: met when measured >= goal)
@@ -119,33 +120,63 @@ def example_rows(report: dict[str, Any]) -> list[str]:
 
 
 def training_facts(records: list[dict[str, Any]]) -> dict[str, Any]:
-    start = next(r for r in records if r["event"] == "start")
+    """The run's sessions (a resumed run has several), steps, wall time and final loss."""
+    starts = [r for r in records if r["event"] == "start"]
     train = [r for r in records if r["event"] == "train"]
     val = [r for r in records if r["event"] == "val"]
-    return {"cfg": start["train_config"], "steps": train[-1]["step"],
+    return {"starts": starts, "cfg": starts[-1]["train_config"], "steps": train[-1]["step"],
             "wall_min": val[-1]["elapsed_s"] / 60, "final_ce": train[-1]["ce"]}
+
+
+def train_commands(facts: dict[str, Any]) -> list[str]:
+    """One `loopserve train` command per session of the run (later ones with --resume)."""
+    commands = []
+    for start in facts["starts"]:
+        c = start["train_config"]
+        resume = " --resume" if start["step"] > 0 else ""
+        commands.append(f"loopserve train --out {c['out_dir']} --semantics {c['semantics']} "
+                        f"--steps {c['steps']} --eval-every {c['eval_every']} "
+                        f"--threads {c['threads']}{resume}")
+    return commands
 
 
 # ---------------------------------------------------------------------- the card
 def write_card(dest: Path, config: ModelConfig, report: dict[str, Any],
                records: list[dict[str, Any]], compare: dict[str, dict[str, Any]]) -> None:
     facts = training_facts(records)
-    cfg = facts["cfg"]
-    params = parameter_count(config)
-    size_mb = (dest / "model.safetensors").stat().st_size / 1e6
-    corpus = Corpus(cfg["data_seed"])
+    corpus = Corpus(facts["cfg"]["data_seed"])
     lines = [
-        "# loopserve-tiny",
-        "",
-        f"The model `loopserve serve` loads by default: a {params / 1e6:.2f}M-parameter looped "
-        f"transformer with gated memory ({size_mb:.1f} MB, fp32), trained from scratch on "
-        f"{facts['wall_min']:.0f} minutes of a 2-core CPU, to add, subtract and multiply "
-        "small numbers and to recall a table of invented facts. How well it does each, and how "
-        "its loops and memory reads spread, is measured below. It is a test-and-demo model, "
-        "not a language model: it knows only the corpus below.",
-        "",
-        "## What it answers",
-        "",
+        *_header_lines(dest, config, facts), "",
+        *_answers_lines(report, corpus), "",
+        *_model_lines(config), "",
+        "## Data", "", *_data_lines(corpus), "",
+        *_training_lines(facts), "",
+        *_semantics_lines(facts["cfg"], compare), "",
+        "![training](training.png)", "",
+        *_results_lines(report, config), "",
+        *_reproduce_lines(facts, config), "",
+        *_kept_notes(dest),
+    ]
+    (dest / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _header_lines(dest: Path, config: ModelConfig, facts: dict[str, Any]) -> list[str]:
+    size_mb = (dest / "model.safetensors").stat().st_size / 1e6
+    return [
+        "# loopserve-tiny", "",
+        f"The model `loopserve serve` loads by default: a "
+        f"{parameter_count(config) / 1e6:.2f}M-parameter looped transformer with gated memory "
+        f"({size_mb:.1f} MB, fp32), trained from scratch in {facts['wall_min']:.0f} minutes on "
+        "a 2-core CPU to add, subtract and multiply small numbers and to recall a table of "
+        "invented facts. How well it does each, and how its loops and memory reads spread, is "
+        "measured below. It is a test-and-demo model, not a language model: it knows only the "
+        "corpus below.",
+    ]
+
+
+def _answers_lines(report: dict[str, Any], corpus: Corpus) -> list[str]:
+    return [
+        "## What it answers", "",
         "Byte tokenizer (ids 0-255 are bytes; `<pad>`=256, `<bos>`=257, `<eos>`=258, "
         "`<|system|>`/`<|user|>`/`<|assistant|>`=259/260/261). Greedy decoding, stop at `<eos>`.",
         "",
@@ -155,95 +186,99 @@ def write_card(dest: Path, config: ModelConfig, report: dict[str, Any],
         "- plain completion: `<bos>123+456=` -> `579<eos>`",
         "- plain completion: `<bos>Q: What is the capital of Veltria?\\nA:` -> ` Name<eos>`",
         "",
-        f"Arithmetic: add / sub with two operands of 1-4 digits (results may be negative), mul "
-        f"of a 1-4 digit number by a 1-digit number, expressions of 2-4 operators (+ - *) over "
+        "Arithmetic: add / sub with two operands of 1-4 digits (results may be negative), mul "
+        "of a 1-4 digit number by a 1-digit number, expressions of 2-4 operators (+ - *) over "
         f"1-digit numbers with the usual precedence. Facts: {len(corpus.world.countries)} "
         f"invented countries x {len(FACT_QUESTIONS)} relations ({', '.join(FACT_QUESTIONS)}), "
         f"e.g. {_fact_examples(corpus)}. Real-world names are not in its data.",
         "",
-        "Sample of held-out test problems (adaptive semantics, default threshold):",
-        "",
+        "Sample of held-out test problems (adaptive semantics, default threshold):", "",
         *example_rows(report),
-        "",
-        "## Model",
-        "",
+    ]
+
+
+def _model_lines(config: ModelConfig) -> list[str]:
+    return [
+        "## Model", "",
         f"`config.json`: d_model {config.d_model}, {config.n_layers} layers, {config.n_heads} "
         f"heads ({config.n_kv_heads} kv heads, head_dim {config.head_dim}), SwiGLU "
         f"{config.ffn_hidden}, max_loops {config.max_loops}, local memory "
         f"{config.local_memory_slots} slots per layer, global memory "
         f"{config.global_memory_slots} slots, max_position {config.max_position}. "
         f"`loop_scale_init` {config.loop_scale_init} (softplus(0) = 0.69: every loop step "
-        f"contributes from the start; the engine default of -7 makes the steps nearly "
-        f"identity maps, which is too slow to train in this budget). Default "
+        "contributes from the start; the engine default of -7 makes the steps nearly "
+        "identity maps, which is too slow to train in this budget). Default "
         f"`halt_threshold` {config.halt_threshold}, chosen from the threshold sweep below.",
-        "",
-        "## Data",
-        "",
-        *_data_lines(corpus),
-        "",
-        "## Training",
-        "",
-        f"`loopserve train --out runs/loopserve-tiny --semantics {cfg['semantics']} --steps "
-        f"{cfg['steps']} --eval-every {cfg['eval_every']} --threads {cfg['threads']}` "
-        f"(everything else default: "
-        f"batch {cfg['batch_size']}, AdamW lr {cfg['lr']} betas (0.9, 0.95), weight decay "
-        f"{cfg['weight_decay']} on matrices, {cfg['warmup_steps']} warmup steps then cosine "
-        f"to {cfg['min_lr_ratio']}x, grad clip {cfg['grad_clip']}, ponder weight "
-        f"{cfg['ponder_weight']}, seed {cfg['seed']}, data seed {cfg['data_seed']}). "
-        f"{facts['steps']} steps, "
+    ]
+
+
+def _training_lines(facts: dict[str, Any]) -> list[str]:
+    cfg = facts["cfg"]
+    commands = "; then ".join(f"`{c}`" for c in train_commands(facts))
+    return [
+        "## Training", "",
+        f"{commands} (everything else default: batch {cfg['batch_size']}, AdamW lr "
+        f"{cfg['lr']} betas (0.9, 0.95), weight decay {cfg['weight_decay']} on matrices, "
+        f"{cfg['warmup_steps']} warmup steps then cosine to {cfg['min_lr_ratio']}x, grad clip "
+        f"{cfg['grad_clip']}, ponder weight {cfg['ponder_weight']}, seed {cfg['seed']}, data "
+        f"seed {cfg['data_seed']}). {_resume_note(facts)}{facts['steps']} steps, "
         f"{facts['steps'] * cfg['batch_size']:,} examples, **{facts['wall_min']:.1f} minutes** "
-        f"of training wall time on a 2-core CPU shared with other work; final answer "
+        "of training wall time on a 2-core CPU shared with other work; final answer "
         f"cross-entropy {facts['final_ce']:.3f}.",
         "",
         "The loss is the cross-entropy of the answer tokens (prompts are not scored) plus the "
         "ponder penalty: `ponder_weight * (mean expected loop steps of every real token - 1) "
         "/ (N - 1)`.",
-        "",
-        *_semantics_lines(cfg, compare),
-        "",
-        "![training](training.png)",
-        "",
-        "## Results on the held-out test split",
-        "",
+    ]
+
+
+def _resume_note(facts: dict[str, Any]) -> str:
+    """How resuming with a larger --steps changed the schedule (the cosine is recomputed)."""
+    notes = []
+    for before, after in zip(facts["starts"], facts["starts"][1:], strict=False):
+        step = after["step"]
+        old, new = (TrainConfig(**{**s["train_config"], "out_dir": "-"})
+                    for s in (before, after))
+        if old.steps != new.steps:
+            notes.append(f"Resumed at step {step} with --steps {new.steps}: the cosine is "
+                         f"recomputed over {new.steps} steps, so the learning rate steps from "
+                         f"{lr_at(step - 1, old):.1e} to {lr_at(step, new):.1e} there. ")
+    return "".join(notes)
+
+
+def _results_lines(report: dict[str, Any], config: ModelConfig) -> list[str]:
+    saved = report["compute_saved"]
+    return [
+        "## Results on the held-out test split", "",
         f"`loopserve eval` ({report['test_examples']} examples: up to 100 distinct problems "
-        f"per task and difficulty, every fact in its test-only phrasing, each in both "
+        "per task and difficulty, every fact in its test-only phrasing, each in both "
         f"formats; greedy; adaptive semantics at threshold {report['threshold']}).",
-        "",
-        *target_rows(report),
-        "",
-        *accuracy_rows(report),
-        "",
-        *layer_rows(report),
-        "",
-        f"Compute saved (1 - FLOPs / FLOPs at max depth, prompt + generated tokens, "
-        f"engine/compute.py): {_pct(report['compute_saved']['all'])} overall; "
-        + ", ".join(f"{k} {_pct(v)}" for k, v in report["compute_saved"].items() if k != "all")
+        "", *target_rows(report), "", *accuracy_rows(report), "", *layer_rows(report), "",
+        "Compute saved (1 - FLOPs / FLOPs at max depth, prompt + generated tokens, "
+        f"engine/compute.py): {_pct(saved['all'])} overall; "
+        + ", ".join(f"{k} {_pct(v)}" for k, v in saved.items() if k != "all")
         + f". Mean loops per token and layer: {report['mean_loops_per_token']:.2f} of "
-        f"{config.max_loops}. Token agreement {_pct(report['token_agreement'])}; identical "
+        f"{config.max_loops}. Token agreement {_pct(report['token_agreement'])} (on problems "
+        "exact semantics answers right: "
+        f"{_pct(report['token_agreement_by_exact_answer']['exact_right'])}; wrong: "
+        f"{_pct(report['token_agreement_by_exact_answer']['exact_wrong'])}); identical "
         f"greedy outputs in both semantics for {_pct(report['sequence_agreement'])} of the "
-        f"problems.",
-        "",
-        *sweep_rows(report),
-        "",
-        "![eval](eval.png)",
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        "loopserve train --out runs/loopserve-tiny "
-        f"--semantics {cfg['semantics']} --steps {cfg['steps']} --eval-every {cfg['eval_every']} "
-        f"--threads {cfg['threads']}",
-        "python -m training.card --run runs/loopserve-tiny --dest models/loopserve-tiny "
+        "problems.",
+        "", *sweep_rows(report), "", "![eval](eval.png)",
+    ]
+
+
+def _reproduce_lines(facts: dict[str, Any], config: ModelConfig) -> list[str]:
+    run = facts["cfg"]["out_dir"]
+    return [
+        "## Reproduce", "", "```bash", *train_commands(facts),
+        f"python -m training.card --run {run} --dest models/loopserve-tiny "
         f"--threshold {config.halt_threshold}",
         "loopserve eval                      # re-measure the shipped model (writes eval.json)",
-        "```",
-        "",
+        "```", "",
         "Training on another machine or thread count gives slightly different weights "
         "(floating-point reduction order); the data and the schedule are fixed by the seeds.",
-        "",
-        *_kept_notes(dest),
     ]
-    (dest / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def _fact_examples(corpus: Corpus) -> str:
@@ -278,8 +313,10 @@ def _semantics_lines(cfg: dict[str, Any], compare: dict[str, dict[str, Any]]) ->
     best_ce = min(compare, key=lambda n: compare[n]["answer_cross_entropy"]["adaptive"])
     best_agree = max(compare, key=lambda n: compare[n]["token_agreement"])
     return lines + [
-        "Measured with three short runs of this recipe (500 steps, batch 32, one per "
-        "semantics), evaluated on the validation split in adaptive semantics:",
+        "",
+        "Measured with three short runs (500 steps, batch 32, one per semantics; the corpus "
+        "version is in the notes), evaluated on the validation split (`loopserve eval "
+        "--split val --per-cell 20`):",
         "", *comparison_rows(compare), "",
         f"Lowest served answer cross-entropy: {best_ce}; best agreement between the two "
         f"semantics: {best_agree}.",

@@ -94,16 +94,19 @@ def sequence_flops(model: LoopLM, item: Decoded) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def token_agreement(model: LoopLM, exact: list[Decoded], threshold: float) -> float:
+def token_agreement(model: LoopLM, exact: list[Decoded], threshold: float) -> dict[str, float]:
     """Fraction of the exact-semantics greedy tokens that adaptive semantics also picks,
-    each given the same (exact-semantics) prefix."""
+    each given the same (exact-semantics) prefix: over all problems, and split by whether
+    the exact-semantics answer is right."""
     results = forward_each(model, [served_ids(i) for i in exact], threshold)
-    agree = total = 0
+    counts = {"all": [0, 0], "exact_right": [0, 0], "exact_wrong": [0, 0]}
     for item, (logits, _, _) in zip(exact, results, strict=True):
         picked = logits[answer_rows(item)].argmax(-1).tolist()  # [len(generated)]
-        agree += sum(p == g for p, g in zip(picked, item.generated, strict=True))
-        total += len(item.generated)
-    return agree / max(total, 1)
+        agree = sum(p == g for p, g in zip(picked, item.generated, strict=True))
+        for key in ("all", "exact_right" if item.correct else "exact_wrong"):
+            counts[key][0] += agree
+            counts[key][1] += len(item.generated)
+    return {key: round(a / max(n, 1), 4) for key, (a, n) in counts.items()}
 
 
 @torch.no_grad()
@@ -230,6 +233,7 @@ def evaluate(model: LoopLM, examples: list[Example], threshold: float, max_new_t
     """Every number of the module docstring, as one JSON-ready dict."""
     exact = decode_all(model, examples, None, max_new_tokens)
     adaptive = decode_all(model, examples, threshold, max_new_tokens)
+    agreement = token_agreement(model, exact, threshold)
     attach_depths(model, adaptive, threshold)
     same = [a.generated == e.generated for a, e in zip(adaptive, exact, strict=True)]
     loops = loop_stats(adaptive)
@@ -239,7 +243,8 @@ def evaluate(model: LoopLM, examples: list[Example], threshold: float, max_new_t
         "test_examples": len(examples),
         "test_counts": cell_counts(examples),
         "accuracy": {"exact": accuracy_table(exact), "adaptive": accuracy_table(adaptive)},
-        "token_agreement": round(token_agreement(model, exact, threshold), 4),
+        "token_agreement": agreement["all"],
+        "token_agreement_by_exact_answer": agreement,
         "answer_cross_entropy": {
             "exact": round(answer_cross_entropy(model, examples, None), 4),
             "adaptive": round(answer_cross_entropy(model, examples, threshold), 4)},
