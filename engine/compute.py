@@ -138,6 +138,11 @@ class ComputeTracker:
         self.flops += flops
         self.flops_max_depth += flops_max_depth
 
+    def add_logits(self, flops: float) -> None:
+        """The LM head of one sampled position (the same at any depth)."""
+        self.flops += flops
+        self.flops_max_depth += flops
+
     def merge(self, other: ComputeTracker) -> None:
         self.add(other.tokens, other.loop_sums, other.gate_sums, other.flops,
                  other.flops_max_depth)

@@ -226,7 +226,7 @@ class LLMEngine:
         touched: dict[str, None] = {}
         for row, request in enumerate(sampling):
             append_token(request, sampled.token_ids[row], sampled.logprobs[row])
-            self._account_logits(request)
+            request.compute.add_logits(self.flop_table.head)
             if request.finish_reason is not None:
                 self.scheduler.finish(request)
             touched[request.parent_id] = None
@@ -272,11 +272,6 @@ class LLMEngine:
         if not banks:
             return torch.zeros(gates.shape[:2])
         return gates[..., banks].mean(-1)
-
-    def _account_logits(self, request: Request) -> None:
-        head = self.flop_table.head
-        request.compute.add(0, [0.0] * self.model_config.n_layers,
-                            [0.0] * self.model_config.n_layers, head, head)
 
     def _report(self, schedule: SchedulerOutput, step_input: StepInput, result: StepOutput,
                 num_sampled: int) -> None:

@@ -54,7 +54,7 @@ def _append_text(request: Request, piece: str) -> None:
 def _finish(request: Request, reason: str, stop_reason: str | int | None) -> None:
     request.finish_reason = reason
     request.stop_reason = stop_reason
-    if reason != "stop" or isinstance(stop_reason, int) or stop_reason is None:
+    if not isinstance(stop_reason, str):  # a stop string cut the text: nothing to flush
         request.text += request.detokenizer.flush()  # pending bytes of a cut character
 
 

@@ -37,6 +37,7 @@ class AttentionPlan:
     positions: torch.Tensor  # [T] position of each flat token
     prefill_blocks: torch.Tensor  # [P, Wp] the prefills' block tables, padded with block 0
     prefill_ends: torch.Tensor  # [P] flat index one past each prefill's last token
+    slice_starts: torch.Tensor  # [P + 1] flat index where decodes end and each prefill ends
 
     @classmethod
     def build(cls, block_tables: list[list[int]], starts: list[int], lengths: list[int],
@@ -61,7 +62,10 @@ class AttentionPlan:
         for row, piece in enumerate(prefills):
             padded[row, :piece.blocks.numel()] = piece.blocks
         ends = torch.tensor([p.token_end for p in prefills], dtype=torch.long, device=device)
-        return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded, ends)
+        starts_t = torch.tensor([num_decodes] + [p.token_end for p in prefills],
+                                dtype=torch.long, device=device)
+        return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded, ends,
+                   starts_t)
 
     def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor, q: torch.Tensor
                ) -> torch.Tensor:
@@ -70,7 +74,7 @@ class AttentionPlan:
         if not self.prefills:  # decodes only: no slicing to do
             return self._attend_decodes(cache, plane, active, q)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-        bounds = torch.searchsorted(active, self._slice_starts(active.device)).tolist()
+        bounds = torch.searchsorted(active, self.slice_starts).tolist()
         if bounds[0] > 0:
             out[:bounds[0]] = self._attend_decodes(cache, plane, active[:bounds[0]],
                                                    q[:bounds[0]])
@@ -113,10 +117,6 @@ class AttentionPlan:
             q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask[:, None], enable_gqa=True)  # [P, H, Lq, hd]
         return out.transpose(1, 2)[rows, cols].flatten(1)  # [A_p, H * hd]
-
-    def _slice_starts(self, device: torch.device) -> torch.Tensor:
-        starts = [self.num_decodes] + [p.token_end for p in self.prefills]
-        return torch.tensor(starts, dtype=torch.long, device=device)
 
     def _attend_decodes(self, cache: torch.Tensor, plane: int, rows: torch.Tensor,
                         q: torch.Tensor) -> torch.Tensor:
