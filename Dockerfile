@@ -56,6 +56,7 @@ RUN index="${TORCH_INDEX_URL}"; \
     /opt/venv/bin/pip install --no-cache-dir --index-url "$index" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md loopserve_cli.py ./
+COPY model/ model/
 COPY engine/ engine/
 COPY server/ server/
 COPY clients/ clients/

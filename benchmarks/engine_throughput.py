@@ -22,7 +22,7 @@ import torch
 
 from engine import LLM, LoopLM, ModelConfig, SamplingParams, get_preset
 from engine.runner import ModelRunner
-from engine.weights import resolve_dtype
+from model.weights import resolve_dtype
 
 CPU_BENCH_CONFIG = ModelConfig(d_model=384, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=64,
                                ffn_hidden=1024, max_loops=3, local_memory_slots=64,

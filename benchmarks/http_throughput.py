@@ -31,7 +31,7 @@ import httpx
 import torch
 
 from engine import LLM, SamplingParams, load_model, save_model
-from engine.weights import BUNDLED_MODEL_DIR
+from model.weights import BUNDLED_MODEL_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 

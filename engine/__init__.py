@@ -1,6 +1,5 @@
-"""loopserve engine: the looped model with memory and everything that runs it."""
+"""loopserve engine: everything that serves the looped model (re-exports `model`'s public names)."""
 
-from engine.config import ModelConfig
 from engine.engine_config import EngineConfig
 from engine.errors import (
                            CheckpointError,
@@ -12,12 +11,13 @@ from engine.errors import (
 )
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine, StepStats
-from engine.model import ForwardOutput, LoopLM
-from engine.presets import PRESETS, get_preset
 from engine.request import CompletionOutput, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import ByteTokenizer, load_tokenizer
-from engine.weights import load_model, save_model
+from model.config import ModelConfig
+from model.looplm import ForwardOutput, LoopLM
+from model.presets import PRESETS, get_preset
+from model.tokenizer import ByteTokenizer, load_tokenizer
+from model.weights import load_model, save_model
 
 __all__ = [
     "LLM", "PRESETS", "ByteTokenizer", "CheckpointError", "CompletionOutput", "ConfigError",

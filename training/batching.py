@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from engine.model import LoopLM
+from model.looplm import LoopLM
 from training.data import Example
 
 IGNORE = -100

@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engine.compute import parameter_count
-from engine.config import ModelConfig
+from model.config import ModelConfig
+from model.flops import parameter_count
 from training import evaluate
 from training.data import DIFFICULTIES, FACT_QUESTIONS, Corpus, Mixture
 from training.plots import plot_training

@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from engine.config import ModelConfig
-from engine.errors import ConfigError
-from engine.presets import get_preset
+from model.config import ModelConfig
+from model.errors import ConfigError
+from model.presets import get_preset
 from training.train import BUNDLED_CONFIG, SEMANTICS, STATE_FILE, TrainConfig, train
 
 DEFAULTS = TrainConfig()

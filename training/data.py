@@ -32,7 +32,7 @@ import hashlib
 import random
 from collections.abc import Iterator
 
-from engine.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer
 
 SPLITS = ("train", "val", "test")
 ARITHMETIC = ("add", "sub", "mul", "expr")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.model import LoopLM
+from model.looplm import LoopLM
 from training.batching import chunks
 
 

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.compute import token_flops
-from engine.model import LoopLM
-from engine.weights import BUNDLED_MODEL_DIR, load_model
+from model.flops import token_flops
+from model.looplm import LoopLM
+from model.weights import BUNDLED_MODEL_DIR, load_model
 from training.batching import IGNORE, chunks, collate, teacher_forced
 from training.data import Corpus, Example
 from training.decode import forward_each, greedy_decode
@@ -275,7 +275,7 @@ def targets(exact: list[Decoded], adaptive: list[Decoded], loops: dict[str, Any]
 
 
 def _show(item: Decoded) -> dict[str, Any]:
-    from engine.tokenizer import ByteTokenizer
+    from model.tokenizer import ByteTokenizer
     tok = ByteTokenizer()
     return {"format": item.example.format,
             "prompt": tok.decode(item.example.prompt, skip_special=False),

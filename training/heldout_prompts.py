@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from engine.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer
 from training.data import Corpus, Example
 
 

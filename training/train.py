@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig
-from engine.model import LoopLM
-from engine.tokenizer import BYTE_SPECIALS
-from engine.weights import save_model
+from model.config import ModelConfig
+from model.looplm import LoopLM
+from model.tokenizer import BYTE_SPECIALS
+from model.weights import save_model
 from training.batching import IGNORE, Batch, chunks, collate, teacher_forced
 from training.data import Corpus, Example
 

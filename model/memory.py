@@ -14,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.layers import RMSNorm
+from model.config import ModelConfig
+from model.layers import RMSNorm
 
 LOCAL, GLOBAL = 0, 1  # column of each bank in gate tensors [..., 2]
 

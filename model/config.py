@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
+from model.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

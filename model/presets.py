@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.config import ModelConfig
-from engine.errors import ConfigError
+from model.config import ModelConfig
+from model.errors import ConfigError
 
 PRESETS: dict[str, ModelConfig] = {
     # a few hundred thousand parameters: fast CPU tests

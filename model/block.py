@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.layers import RMSNorm, SwiGLU, apply_rotary, rms_norm_heads
-from engine.memory import LayerMemory, MemoryBank
+from model.config import ModelConfig
+from model.layers import RMSNorm, SwiGLU, apply_rotary, rms_norm_heads
+from model.memory import LayerMemory, MemoryBank
 
 
 class LoopBlock(nn.Module):

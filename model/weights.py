@@ -9,9 +9,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.model import LoopLM
+from model.config import ModelConfig
+from model.errors import CheckpointError
+from model.looplm import LoopLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.block import LoopBlock
-from engine.config import ModelConfig
-from engine.errors import InvalidRequestError
-from engine.layers import RMSNorm, Rotary
-from engine.memory import MemoryBank
+from model.block import LoopBlock
+from model.config import ModelConfig
+from model.errors import InvalidRequestError
+from model.layers import RMSNorm, Rotary
+from model.memory import MemoryBank
 
 
 @dataclasses.dataclass

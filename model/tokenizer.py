@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Protocol
 
-from engine.config import ModelConfig
-from engine.errors import CheckpointError, InvalidRequestError
+from model.config import ModelConfig
+from model.errors import CheckpointError, InvalidRequestError
 
 ROLES = ("system", "user", "assistant")
 BYTE_SPECIALS = {"<pad>": 256, "<bos>": 257, "<eos>": 258, "<|system|>": 259, "<|user|>": 260,
