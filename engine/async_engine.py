@@ -1,10 +1,11 @@
 """AsyncEngine: the engine loop on its own thread, and an asyncio API for the server.
 
-The HTTP side never runs a forward pass: `generate` validates the request, hands it to the
-engine thread through a command queue and awaits the deltas that thread posts back onto the
-caller's event loop. A consumer that stops iterating (a client disconnect) aborts its
-request, which frees its KV blocks. `health()` says whether the loop is alive and making
-progress, for /health.
+The HTTP side never runs a forward pass: `prepare` validates a request once (on the
+caller's thread, with the engine's immutable `InputProcessor`), `generate` hands the
+prepared request to the engine thread as a typed command and awaits the deltas that thread
+posts back onto the caller's event loop. A consumer that stops iterating (a client
+disconnect) aborts its request, which frees its KV blocks. `health()` is a typed state for
+/health: the loop is alive and, while it has requests, computes tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import queue
 import threading
@@ -21,7 +23,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from engine.engine_config import EngineConfig
-from engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from engine.errors import (
+    EngineDeadError,
+    EngineDrainingError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from engine.input_processor import InputProcessor, PreparedRequest
 from engine.llm_engine import LLMEngine, StepStats
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -29,10 +37,39 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger("loopserve.engine")
 
 
-@dataclasses.dataclass
+class HealthState(enum.Enum):
+    OK = "ok"
+    DRAINING = "draining"  # accepts no new requests; those in flight finish
+    STALLED = "stalled"  # requests wait or run, and no token was computed for stall_timeout
+    DEAD = "dead"  # the loop raised
+    STOPPED = "stopped"  # the loop is not running (not started or shut down)
+
+
+@dataclasses.dataclass(frozen=True)
 class Health:
-    ok: bool
-    reason: str  # "ok", "draining", "engine loop died: ...", "engine stalled for 31.0s"
+    state: HealthState
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state is HealthState.OK
+
+    @property
+    def reason(self) -> str:
+        return f"{self.state.value}: {self.detail}" if self.detail else self.state.value
+
+
+@dataclasses.dataclass(frozen=True)
+class AddRequest:
+    request: PreparedRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+Command = AddRequest | AbortRequest
 
 
 @dataclasses.dataclass
@@ -55,8 +92,7 @@ class AsyncEngine:
         self._stop = False
         self._accepting = True
         self._error: BaseException | None = None
-        self._heartbeat = time.monotonic()
-        self._busy = False
+        self._busy_since: float | None = None  # when the loop last went from idle to busy
         self._thread = threading.Thread(target=self._run, name="loopserve-engine", daemon=True)
 
     @classmethod
@@ -94,20 +130,27 @@ class AsyncEngine:
         return len(left)
 
     @property
+    def processor(self) -> InputProcessor:
+        return self.engine.processor
+
+    @property
     def accepting(self) -> bool:
         return self._accepting
 
     def health(self) -> Health:
         if self._error is not None:
-            return Health(False, f"engine loop died: {self._error!r}")
+            return Health(HealthState.DEAD, f"engine loop died: {self._error!r}")
         if not self._thread.is_alive():
-            return Health(False, "engine loop is not running")
-        stalled = time.monotonic() - self._heartbeat
-        if self._busy and stalled > self.stall_timeout:
-            return Health(False, f"engine stalled for {stalled:.1f}s")
+            return Health(HealthState.STOPPED, "engine loop is not running")
+        busy_since = self._busy_since
+        if busy_since is not None:
+            stalled = time.monotonic() - max(busy_since, self.engine.last_progress)
+            if stalled > self.stall_timeout:
+                return Health(HealthState.STALLED, f"no token computed for {stalled:.1f}s "
+                                                   f"with requests waiting or running")
         if not self._accepting:
-            return Health(False, "draining")
-        return Health(True, "ok")
+            return Health(HealthState.DRAINING, "accepting no new requests")
+        return Health(HealthState.OK)
 
     @property
     def num_waiting(self) -> int:
@@ -122,11 +165,16 @@ class AsyncEngine:
         return len(self._streams)
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def prepare(self, prompt: str | list[int], params: SamplingParams,
+                request_id: str | None = None) -> PreparedRequest:
+        """Tokenize and validate (InvalidRequestError names the field); thread-safe."""
+        return self.engine.processor.prepare(request_id or f"cmpl-{uuid.uuid4().hex}", prompt,
+                                             params)
+
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
         """Deltas of one request; the last has `finished=True`. Leaving early aborts it."""
-        request_id = self._admit(prompt, params, request_id)
-        stream = self._streams[request_id]
+        self._admit(request)
+        stream = self._streams[request.request_id]
         finished = False
         try:
             while not finished:
@@ -136,35 +184,32 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(request.request_id, None)
             if not finished:
-                self.abort(request_id)
+                self.abort(request.request_id)
 
-    def _admit(self, prompt: str | list[int], params: SamplingParams, request_id: str | None
-               ) -> str:
-        """Validate on the caller's thread (errors surface before any streaming starts)."""
+    def _admit(self, request: PreparedRequest) -> None:
+        """Errors surface here, before any streaming starts."""
         if not self._accepting:
-            raise EngineDeadError("the server is draining and accepts no new requests")
+            raise EngineDrainingError("the server is draining and accepts no new requests")
         health = self.health()
         if not health.ok:
             raise EngineDeadError(health.reason)
-        prompt_ids = self.engine.encode_prompt(prompt)
-        self.engine.check_request(prompt_ids, params)
-        request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
         with self._lock:
             if self.num_waiting >= self.max_queue:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
-            if request_id in self._streams:
-                raise InvalidRequestError(f"request id {request_id!r} is already in flight")
-            self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            if request.request_id in self._streams:
+                raise InvalidRequestError(
+                    f"request id {request.request_id!r} is already in flight")
+            self._streams[request.request_id] = _Stream(asyncio.get_running_loop(),
+                                                        asyncio.Queue())
             self._pending_adds += 1
-        self._commands.put(("add", request_id, (prompt_ids, time.monotonic()), params))
+        self._commands.put(AddRequest(request))
         self._wake.set()
-        return request_id
 
     def abort(self, request_id: str) -> None:
         """Thread-safe; the request's blocks are freed on the engine thread."""
-        self._commands.put(("abort", request_id, None, None))
+        self._commands.put(AbortRequest(request_id))
         self._wake.set()
 
     # ------------------------------------------------------------------ engine thread
@@ -172,13 +217,14 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._apply_commands()
-                self._busy = self.engine.has_unfinished()
-                if self._busy:
+                if self.engine.has_unfinished():
+                    if self._busy_since is None:
+                        self._busy_since = time.monotonic()
                     self._deliver_all(self.engine.step())
                 else:
+                    self._busy_since = None
                     self._wake.wait(0.1)
                     self._wake.clear()
-                self._heartbeat = time.monotonic()
         except BaseException as exc:  # noqa: BLE001 - the loop must report any death
             logger.exception("engine loop died")
             self._error = exc
@@ -188,26 +234,24 @@ class AsyncEngine:
     def _apply_commands(self) -> None:
         while True:
             try:
-                kind, request_id, payload, params = self._commands.get_nowait()
+                command: Command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                prompt_ids, arrival_time = payload
-                self._add(request_id, prompt_ids, params, arrival_time)
+            if isinstance(command, AddRequest):
+                self._add(command.request)
             else:
-                final = self.engine.abort_request(request_id)
+                final = self.engine.abort_request(command.request_id)
                 if final is not None:
-                    self._deliver(request_id, final)
+                    self._deliver(command.request_id, final)
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-             arrival_time: float) -> None:
+    def _add(self, request: PreparedRequest) -> None:
         try:
-            if request_id in self._streams:
-                self.engine.add_request(request_id, prompt_ids, params, arrival_time)
+            if request.request_id in self._streams:
+                self.engine.add_request(request)
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
             if not isinstance(exc, InvalidRequestError):
-                logger.exception("request %s could not be added", request_id)
-            self._deliver(request_id, exc)
+                logger.exception("request %s could not be added", request.request_id)
+            self._deliver(request.request_id, exc)
         finally:
             with self._lock:
                 self._pending_adds -= 1

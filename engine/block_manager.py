@@ -1,10 +1,18 @@
 """Paged KV block manager: block tables, reference counts, hash-chained prefix caching.
 
 One block covers `block_size` token positions for every (layer, loop step) plane, so one
-block table per request is all the scheduler needs. A block that is full of computed tokens
-is hashed as H(parent hash, token ids, extra keys) — the extra keys carry the request's
-halt_threshold and max_loops, which change the cached k/v — and stays findable after its
-last owner frees it, until the allocator reuses it (least recently freed first).
+block table per request is all the scheduler needs. The contract is vLLM v1's (and
+nano-vllm's):
+
+- `computed_blocks(request)` finds the request's longest cached prefix and changes nothing;
+- `allocate(request, num_new_tokens, hits)` takes those hits *and* the new blocks the
+  request needs, or returns False and changes nothing;
+- `cache_full_blocks(request)` registers blocks that are now full of computed tokens under
+  the request's own hash chain (`Request.block_hashes`, which already carries the
+  halt_threshold and max_loops that change the cached k/v); a cached block stays findable
+  after its last owner frees it, until the allocator reuses it (least recently freed first);
+- `fork(parent, child)` gives a choice of an n > 1 request the parent's full prompt blocks
+  by reference and a copy of its last partial block (the runner copies the data).
 
 This module never touches tensors; the runner owns the KV memory.
 """
@@ -13,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Sequence
 
-BlockHash = int
+from engine.block_hash import BlockHash
+from engine.request import Request
 
 
 @dataclasses.dataclass
@@ -23,15 +31,14 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None
-    token_ids: tuple[int, ...] = ()  # the tokens the hash covers (checked on a hit)
-    parent_hash: BlockHash | None = None
-    extra_keys: tuple = ()
 
 
-def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple
-               ) -> BlockHash:
-    """Chained block hash; collisions are caught by comparing tokens on a hit."""
-    return hash((parent, tuple(token_ids), extra_keys))
+@dataclasses.dataclass(frozen=True)
+class BlockCopy:
+    """Copy every plane of KV block `src` into block `dst` before the next step runs."""
+
+    src: int
+    dst: int
 
 
 class BlockManager:
@@ -50,8 +57,8 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}  # block hash -> block id
         self.tables: dict[str, list[int]] = {}  # request id -> block table
-        self._hashed_count: dict[str, int] = {}  # request id -> leading blocks already hashed
-        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self._num_cached: dict[str, int] = {}  # request id -> leading blocks registered
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
 
     # ------------------------------------------------------------------ queries
@@ -63,115 +70,90 @@ class BlockManager:
         """Fraction of blocks owned by some request (cached free blocks count as free)."""
         return 1.0 - len(self._free) / self.num_blocks
 
-    def blocks_needed(self, request_id: str, num_tokens: int) -> int:
-        """New blocks `request_id` needs so that its table covers `num_tokens` positions."""
-        have = len(self.tables.get(request_id, ()))
-        return max(0, -(-num_tokens // self.block_size) - have)
+    def blocks_to_cover(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        return self.blocks_needed(request_id, num_tokens) <= len(self._free)
+    def computed_blocks(self, request: Request) -> list[int]:
+        """The cached blocks of the request's longest cached prefix. No side effects.
 
-    # ------------------------------------------------------------------ prefix cache
-    def block_hashes(self, token_ids: Sequence[int], extra_keys: tuple) -> list[BlockHash]:
-        """Hashes of every full block of `token_ids`."""
-        hashes: list[BlockHash] = []
-        parent = None
-        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            parent = hash_block(parent, token_ids[start:start + self.block_size], extra_keys)
-            hashes.append(parent)
-        return hashes
-
-    def match_prefix(self, request_id: str, token_ids: Sequence[int], extra_keys: tuple) -> int:
-        """Give a new request the cached blocks of its longest cached prefix.
-
-        Returns the number of tokens they cover. At least one token is always left to
-        compute, so the request still produces logits for its next token."""
-        if request_id in self.tables:
-            raise ValueError(f"request {request_id} already holds blocks")
-        self.tables[request_id] = []
-        self._hashed_count[request_id] = 0
-        if not self.enable_prefix_caching:
-            return 0
-        limit = (len(token_ids) - 1) // self.block_size  # full blocks before the last token
-        self.prefix_queries += limit * self.block_size
-        hits = self._cached_chain(token_ids, extra_keys, limit)
-        for block_id in hits:
-            self._take(block_id)
-        self.tables[request_id] = hits
-        self._hashed_count[request_id] = len(hits)
-        self.prefix_hits += len(hits) * self.block_size
-        return len(hits) * self.block_size
-
-    def _cached_chain(self, token_ids: Sequence[int], extra_keys: tuple, limit: int) -> list[int]:
+        At least one token is always left to compute, so that the request still produces
+        logits for its next token."""
+        if not self.enable_prefix_caching or request.request_id in self.tables:
+            return []
+        limit = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []
-        parent = None
-        for i in range(limit):
-            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block_hash = hash_block(parent, tokens, extra_keys)
+        for block_hash in request.block_hashes[:limit]:
             block_id = self._cached.get(block_hash)
             if block_id is None:
                 break
-            block = self.blocks[block_id]
-            if (block.token_ids, block.parent_hash, block.extra_keys) != (
-                    tokens, parent, extra_keys):
-                break  # a hash collision: treat as a miss
             hits.append(block_id)
-            parent = block_hash
         return hits
 
-    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int,
-                          extra_keys: tuple) -> None:
-        """Register the request's blocks that are now full of computed tokens."""
-        if not self.enable_prefix_caching:
-            return
-        table = self.tables[request_id]
-        done = self._hashed_count[request_id]
-        full = min(num_computed // self.block_size, len(table))
-        parent = self.blocks[table[done - 1]].block_hash if done else None
-        for i in range(done, full):
-            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block_hash = hash_block(parent, tokens, extra_keys)
-            block = self.blocks[table[i]]
-            block.block_hash, block.token_ids = block_hash, tokens
-            block.parent_hash, block.extra_keys = parent, extra_keys
-            self._cached.setdefault(block_hash, block.block_id)
-            parent = block_hash
-        self._hashed_count[request_id] = max(done, full)
-
     # ------------------------------------------------------------------ allocate / free
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Grow the request's table to cover `num_tokens` positions; False if blocks run out
-        (then nothing changes)."""
-        if request_id not in self.tables:
-            self.tables[request_id] = []
-            self._hashed_count[request_id] = 0
-        needed = self.blocks_needed(request_id, num_tokens)
-        if needed > len(self._free):
+    def allocate(self, request: Request, num_new_tokens: int, hits: list[int] | None = None
+                 ) -> bool:
+        """Give the request `hits` (from `computed_blocks`, only before its first
+        allocation) and enough new blocks for its computed tokens plus `num_new_tokens`.
+        All or nothing: False when the pool cannot hold it, and then nothing changed."""
+        hits = hits or []
+        table = self.tables.get(request.request_id)
+        have = len(table) if table is not None else len(hits)
+        computed = request.num_computed_tokens if table is not None else (
+            len(hits) * self.block_size)
+        needed = max(0, self.blocks_to_cover(computed + num_new_tokens) - have)
+        taken_from_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if needed + taken_from_free > len(self._free):
             return False
-        table = self.tables[request_id]
-        for _ in range(needed):
-            block_id, _ = self._free.popitem(last=False)
-            self._evict(block_id)
-            self.blocks[block_id].ref_count = 1
+        if table is None:
+            table = self.tables[request.request_id] = []
+            self._num_cached[request.request_id] = len(hits)
+            self._count_lookup(request, len(hits))
+        for block_id in hits:
+            self._take(block_id)
             table.append(block_id)
+        for _ in range(needed):
+            table.append(self._pop_free())
         return True
+
+    def _count_lookup(self, request: Request, num_hits: int) -> None:
+        if self.enable_prefix_caching:
+            self.prefix_queries += (request.num_tokens - 1) // self.block_size * self.block_size
+            self.prefix_hits += num_hits * self.block_size
+
+    def fork(self, parent: Request, child: Request, num_tokens: int) -> BlockCopy | None | bool:
+        """Share the parent's full blocks of its first `num_tokens` positions with `child`
+        (which holds none yet). A partial last block is copied into a new block: the
+        returned `BlockCopy` says which; None when there was none to copy. False when no
+        block is free for the copy (then nothing changed)."""
+        source = self.tables[parent.request_id][:self.blocks_to_cover(num_tokens)]
+        full = num_tokens // self.block_size
+        partial = len(source) > full
+        if partial and not self._free:
+            return False
+        table = self.tables[child.request_id] = []
+        self._num_cached[child.request_id] = min(full, self._num_cached[parent.request_id])
+        for block_id in source[:full]:
+            self._take(block_id)
+            table.append(block_id)
+        if not partial:
+            return None
+        table.append(self._pop_free())
+        return BlockCopy(src=source[full], dst=table[-1])
 
     def free(self, request_id: str) -> None:
         """Release every block of the request. Tail blocks are queued for reuse before the
         prefix blocks, which other requests are likelier to share."""
         table = self.tables.pop(request_id, None)
-        self._hashed_count.pop(request_id, None)
+        self._num_cached.pop(request_id, None)
         if table is None:
             return
         for block_id in reversed(table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
+                self._free[block_id] = None
                 if block.block_hash is None:
-                    self._free[block_id] = None
                     self._free.move_to_end(block_id, last=False)  # uncached: reuse first
-                else:
-                    self._free[block_id] = None
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -179,15 +161,31 @@ class BlockManager:
             del self._free[block_id]
         block.ref_count += 1
 
-    def _evict(self, block_id: int) -> None:
+    def _pop_free(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
         if block.block_hash is not None and self._cached.get(block.block_hash) == block_id:
             del self._cached[block.block_hash]
-        block.block_hash, block.token_ids, block.parent_hash, block.extra_keys = None, (), None, ()
+        block.block_hash = None
+        block.ref_count = 1
+        return block_id
 
-    def reset_prefix_cache(self) -> None:
-        for block_id in list(self._free):
-            self._evict(block_id)
+    # ------------------------------------------------------------------ prefix cache
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's blocks that are now full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.tables[request.request_id]
+        done = self._num_cached[request.request_id]
+        full = min(request.num_computed_tokens // self.block_size, len(table),
+                   len(request.block_hashes))
+        for i in range(done, full):
+            block = self.blocks[table[i]]
+            block_hash = request.block_hashes[i]
+            if block.block_hash is None and block_hash not in self._cached:
+                block.block_hash = block_hash  # a twin computed elsewhere stays unhashed
+                self._cached[block_hash] = block.block_id
+        self._num_cached[request.request_id] = max(done, full)
 
     # ------------------------------------------------------------------ integrity
     def check_integrity(self) -> None:
@@ -213,6 +211,6 @@ class BlockManager:
         for block_hash, block_id in self._cached.items():
             if self.blocks[block_id].block_hash != block_hash:
                 raise AssertionError(f"cached hash points at block {block_id} with another hash")
-        for request_id, count in self._hashed_count.items():
+        for request_id, count in self._num_cached.items():
             if count > len(self.tables[request_id]):
-                raise AssertionError(f"request {request_id} hashed past its table")
+                raise AssertionError(f"request {request_id} cached past its table")

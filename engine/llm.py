@@ -8,11 +8,11 @@ from pathlib import Path
 from engine.engine_config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
-from engine.model import LoopLM
 from engine.request import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer, load_tokenizer
-from engine.weights import resolve_dtype
+from model.looplm import LoopLM
+from model.tokenizer import Tokenizer, load_tokenizer
+from model.weights import resolve_dtype
 
 
 class LLM:
@@ -44,8 +44,9 @@ class LLM:
         """Outputs in prompt order; one SamplingParams for all or one per prompt."""
         prompts = _as_prompt_list(prompts)
         all_params = _as_params_list(params, len(prompts))
-        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, all_params,
-                                                                      strict=True)]
+        prepared = [self.engine.prepare(p, sp) for p, sp in zip(prompts, all_params,
+                                                                strict=True)]
+        ids = [self.engine.add_request(request) for request in prepared]
         finals: dict[str, RequestOutput] = {}
         accumulated: dict[str, dict[int, CompletionOutput]] = {i: {} for i in ids}
         while self.engine.has_unfinished():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,18 +15,20 @@ from pathlib import Path
 import torch
 
 from engine.block_manager import BlockManager
-from engine.compute import ComputeTracker, FlopTable
+from engine.compute_stats import ComputeTracker
 from engine.engine_config import EngineConfig
 from engine.errors import ConfigError, InvalidRequestError
-from engine.model import LoopLM
+from engine.input_processor import InputProcessor, PreparedRequest
 from engine.output_processor import append_token, completion_delta, finish_aborted, request_output
 from engine.request import Request, RequestOutput
 from engine.runner import ModelRunner, StepInput, StepOutput
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from engine.tokenizer import Tokenizer, load_tokenizer
-from engine.weights import load_model
+from model.flops import FlopTable
+from model.looplm import LoopLM
+from model.tokenizer import Tokenizer, load_tokenizer
+from model.weights import load_model
 
 logger = logging.getLogger("loopserve.engine")
 
@@ -78,6 +79,10 @@ class LLMEngine:
         self.sampler = Sampler(self.config.seed)
         self.flop_table = FlopTable(model.config)
         self.stats_callback = stats_callback
+        self.processor = InputProcessor(tokenizer, model.config, self.max_model_len, num_blocks,
+                                        self.config.block_size, self.config.max_num_seqs)
+        self.num_steps = 0
+        self.last_progress = time.monotonic()  # when a step last computed a token
         self.requests: dict[str, list[Request]] = {}  # parent id -> its choices
         self._ids = itertools.count()
 
@@ -100,64 +105,33 @@ class LLMEngine:
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt (text gets the bos token); validates ids and length."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty", param="prompt")
-            return self.tokenizer.encode(prompt, add_bos=True)
-        ids = list(prompt)
-        if not ids:
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-               or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), got "
-                                      f"{bad[0]!r}", param="prompt")
-        return ids
+    def prepare(self, prompt: str | list[int], params: SamplingParams | None = None,
+                request_id: str | None = None) -> PreparedRequest:
+        """Tokenize and validate at the front door (see `InputProcessor`)."""
+        return self.processor.prepare(request_id or self.new_request_id(), prompt,
+                                      params or SamplingParams())
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Everything that makes a request impossible to serve, as InvalidRequestError."""
-        params.check_against(self.model_config)
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the "
-                f"prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}; "
-                f"reduce the prompt or max_tokens", param="max_tokens")
-        need = math.ceil((len(prompt_ids) + params.max_tokens) / self.config.block_size)
-        if need > self.block_manager.num_blocks:
-            raise InvalidRequestError(
-                f"the request needs {need} KV blocks but the pool has "
-                f"{self.block_manager.num_blocks}; reduce the prompt or max_tokens",
-                param="max_tokens")
-
-    def add_request(self, request_id: str | None, prompt: str | list[int],
-                    params: SamplingParams | None = None, arrival_time: float | None = None
-                    ) -> str:
-        params = params or SamplingParams()
-        prompt_ids = self.encode_prompt(prompt)
-        self.check_request(prompt_ids, params)
-        request_id = request_id or self.new_request_id()
+    def add_request(self, prepared: PreparedRequest) -> str:
+        """Queue a prepared request (its choices share the prompt's computation)."""
+        request_id = prepared.request_id
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        cfg = self.model_config
-        children = []
-        for index in range(params.n):
-            max_loops = params.resolved_max_loops(cfg)
-            child = Request(
-                request_id=f"{request_id}#{index}", parent_id=request_id, index=index,
-                prompt_token_ids=prompt_ids, params=params,
-                halt_threshold=params.resolved_threshold(cfg), max_loops=max_loops,
-                compute=ComputeTracker(cfg, max_loops), eos_token_id=self.tokenizer.eos_token_id,
-                max_total_tokens=self.max_model_len)
-            if arrival_time is not None:
-                child.arrival_time = arrival_time
-            child.detokenizer = self.tokenizer.stream_decoder()
-            children.append(child)
-            self.scheduler.add(child)
+        children = [self._new_choice(prepared, index) for index in range(prepared.params.n)]
+        self.scheduler.add(children[0], children[1:])
         self.requests[request_id] = children
         return request_id
+
+    def _new_choice(self, prepared: PreparedRequest, index: int) -> Request:
+        cfg = self.model_config
+        choice = Request(
+            request_id=f"{prepared.request_id}#{index}", parent_id=prepared.request_id,
+            index=index, prompt_token_ids=list(prepared.prompt_token_ids),
+            params=prepared.params, halt_threshold=prepared.halt_threshold,
+            max_loops=prepared.max_loops, compute=ComputeTracker(cfg, prepared.max_loops),
+            eos_token_id=self.tokenizer.eos_token_id, max_total_tokens=self.max_model_len,
+            block_size=self.config.block_size, arrival_time=prepared.arrival_time)
+        choice.detokenizer = self.tokenizer.stream_decoder()
+        return choice
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request at any point and free its blocks; its final output, if it ran."""
@@ -179,7 +153,7 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return self.scheduler.num_waiting
 
     @property
     def num_running(self) -> int:
@@ -187,11 +161,15 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        self.num_steps += 1
         schedule = self.scheduler.schedule()
+        if schedule.block_copies:
+            self.runner.copy_blocks(schedule.block_copies)
         if not schedule.chunks:
             return []
         step_input, chunks = self._pack(schedule)
         result = self.runner.run(step_input)
+        self.last_progress = time.monotonic()
         return self._postprocess(schedule, chunks, step_input, result)
 
     def _pack(self, schedule: SchedulerOutput) -> tuple[StepInput, list[ScheduledChunk]]:
@@ -221,17 +199,36 @@ class LLMEngine:
                      step_input: StepInput, result: StepOutput) -> list[RequestOutput]:
         self.scheduler.advance(schedule)
         self._account_compute(chunks, step_input, result)
-        sampling = [c.request for c in chunks if c.samples]
-        sampled = self.sampler(result.logits, sampling) if sampling else None
+        rows, sampling, forks = self._sampling_rows(chunks)
+        sampled = self.sampler(result.logits[rows], sampling) if sampling else None
         touched: dict[str, None] = {}
         for row, request in enumerate(sampling):
             append_token(request, sampled.token_ids[row], sampled.logprobs[row])
             request.compute.add_logits(self.flop_table.head)
+            touched[request.parent_id] = None
+        for leader, choices in forks:
+            self.scheduler.fork(leader, choices)
+        for request in sampling:
             if request.finish_reason is not None:
                 self.scheduler.finish(request)
-            touched[request.parent_id] = None
         self._report(schedule, step_input, result, len(sampling))
         return [out for parent in touched if (out := self._output_for(parent)) is not None]
+
+    def _sampling_rows(self, chunks: list[ScheduledChunk]
+                       ) -> tuple[list[int], list[Request], list[tuple[Request, list[Request]]]]:
+        """Logit row and request of every token to sample. A leader whose prompt is done
+        lends its row to the choices forked from it: they share the prompt's computation."""
+        rows: list[int] = []
+        sampling: list[Request] = []
+        forks: list[tuple[Request, list[Request]]] = []
+        for row, chunk in enumerate(c for c in chunks if c.samples):
+            choices = self.scheduler.take_forks(chunk.request)
+            for request in (chunk.request, *choices):
+                rows.append(row)
+                sampling.append(request)
+            if choices:
+                forks.append((chunk.request, choices))
+        return rows, sampling, forks
 
     def _output_for(self, parent_id: str) -> RequestOutput | None:
         children = self.requests.get(parent_id)
@@ -300,5 +297,5 @@ class LLMEngine:
 
 
 def _bundled_dir() -> Path:
-    from engine.weights import BUNDLED_MODEL_DIR
+    from model.weights import BUNDLED_MODEL_DIR
     return BUNDLED_MODEL_DIR

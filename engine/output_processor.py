@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from engine.compute import ComputeTracker
+from engine.compute_stats import ComputeTracker
 from engine.request import CompletionOutput, Request, RequestOutput, TokenLogprob
 
 

@@ -12,9 +12,10 @@ import time
 
 import torch
 
-from engine.compute import ComputeTracker
+from engine.block_hash import BlockHash, extend_hashes
+from engine.compute_stats import ComputeTracker
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import StreamDecoder
+from model.tokenizer import StreamDecoder
 
 
 class RequestStatus(enum.Enum):
@@ -46,6 +47,7 @@ class Request:
     compute: ComputeTracker
     eos_token_id: int
     max_total_tokens: int  # the model's context: prompt + output never exceed it
+    block_size: int  # of the KV cache: the hash chain covers full blocks of token_ids
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
@@ -63,11 +65,19 @@ class Request:
     text: str = ""
     emitted_text_len: int = 0
     emitted_token_len: int = 0
+    # hash chain of the full blocks of token_ids (prefix caching), extended as tokens come
+    block_hashes: list[BlockHash] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        extend_hashes(self.block_hashes, self.token_ids, self.block_size, self.extra_keys)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if len(self.token_ids) % self.block_size == 0:
+            extend_hashes(self.block_hashes, self.token_ids, self.block_size, self.extra_keys)
 
     @property
     def prompt_len(self) -> int:

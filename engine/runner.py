@@ -22,9 +22,10 @@ import dataclasses
 
 import torch
 
-from engine.block import LoopBlock
-from engine.model import LoopLM
+from engine.block_manager import BlockCopy
 from engine.paged_attention import AttentionPlan
+from model.block import LoopBlock
+from model.looplm import LoopLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,15 @@ class ModelRunner:
         cfg = model.config
         element = torch.empty((), dtype=model.dtype).element_size()
         return cfg.n_layers * cfg.max_loops * 2 * cfg.n_kv_heads * cfg.head_dim * element
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[BlockCopy]) -> None:
+        """Copy whole blocks (every plane) in every layer: the partial block of a fork."""
+        device = self.model.device
+        src = torch.tensor([c.src for c in copies], dtype=torch.long, device=device)
+        dst = torch.tensor([c.dst for c in copies], dtype=torch.long, device=device)
+        for cache in self.kv_caches:
+            cache.index_copy_(0, dst, cache.index_select(0, src))
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> StepOutput:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from engine.config import ModelConfig
 from engine.errors import InvalidRequestError
+from model.config import ModelConfig
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16

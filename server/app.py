@@ -19,7 +19,7 @@ from engine.async_engine import AsyncEngine
 from engine.engine_config import EngineConfig
 from engine.errors import ConfigError
 from engine.llm_engine import LLMEngine
-from engine.weights import BUNDLED_MODEL_DIR, CONFIG_FILE
+from model.weights import BUNDLED_MODEL_DIR, CONFIG_FILE
 from server import routes_chat, routes_completions, routes_misc
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics

@@ -16,7 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from engine.errors import (
+    EngineDeadError,
+    EngineDrainingError,
+    InvalidRequestError,
+    QueueFullError,
+)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -68,13 +73,14 @@ def from_engine_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, exc.message, exc.param)
+        return APIError(400, exc.message, exc.param, code=exc.code)
     if isinstance(exc, QueueFullError):
         return APIError(429, f"{exc}; retry later", code="queue_full",
                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, EngineDrainingError):
+        return APIError(503, str(exc), code="draining")
     if isinstance(exc, EngineDeadError):
-        code = "draining" if "draining" in str(exc) else "engine_unavailable"
-        return APIError(503, str(exc), code=code)
+        return APIError(503, str(exc), code="engine_unavailable")
     return APIError(500, "internal server error", code="internal_error")
 
 

@@ -18,8 +18,8 @@ from starlette.requests import Request
 
 from engine.async_engine import AsyncEngine
 from engine.errors import LoopServeError
+from engine.input_processor import PreparedRequest
 from engine.request import RequestOutput
-from engine.sampling_params import SamplingParams
 from server.errors import APIError, ClientDisconnected, from_engine_error
 from server.metrics import RequestObserver, ServerMetrics
 
@@ -58,22 +58,20 @@ def failure_reason(exc: BaseException) -> str:
 
 
 class Generation:
-    """Engine requests `request_ids[i]` for `prompts[i]`, each with `params[i]`."""
+    """One prepared engine request per prompt of the HTTP request."""
 
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, ctx: RequestContext,
-                 request_ids: list[str], prompts: list[list[int]],
-                 params: list[SamplingParams]) -> None:
+                 requests: list[PreparedRequest]) -> None:
         self.engine = engine
         self.ctx = ctx
-        self.request_ids = request_ids
-        self.prompts = prompts
-        self.params = params
+        self.request_ids = [r.request_id for r in requests]
+        self.prompts = [list(r.prompt_token_ids) for r in requests]
+        self.params = [r.params for r in requests]
         self.observers: list[RequestObserver] = [
-            metrics.observer(ctx.http_id, ctx.arrival) for _ in prompts]
-        self._iterators = [engine.generate(p, sp, request_id=rid)
-                           for p, sp, rid in zip(prompts, params, request_ids, strict=True)]
-        self.finished = [False] * len(prompts)
-        self.finals: list[RequestOutput | None] = [None] * len(prompts)
+            metrics.observer(ctx.http_id, ctx.arrival) for _ in requests]
+        self._iterators = [engine.generate(r) for r in requests]
+        self.finished = [False] * len(requests)
+        self.finals: list[RequestOutput | None] = [None] * len(requests)
         self._firsts: list[RequestOutput] = []
         self._deadline = ctx.loop_deadline()
         self._failure: str | None = None

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engine.request import CompletionOutput, TokenLogprob
-from engine.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer
 from server.errors import APIError
 from server.generation import Generation, run_until_disconnect
 from server.sse import DONE, SSEResponse, sse_event

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
+from engine.input_processor import InputProcessor, PreparedRequest
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -63,7 +63,8 @@ def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None
         halt_threshold=body.halt_threshold, max_loops=body.max_loops)
 
 
-def _max_tokens(requested: int | None, prompt_len: int, engine: LLMEngine, param: str) -> int:
+def _max_tokens(requested: int | None, prompt_len: int, engine: InputProcessor, param: str
+                ) -> int:
     """The request's max_tokens, or what is left of the context when it gave none."""
     if requested is not None:
         return requested
@@ -75,13 +76,18 @@ def _max_tokens(requested: int | None, prompt_len: int, engine: LLMEngine, param
     return left
 
 
-def _checked(engine: LLMEngine, prompt: str | list[int], body: SamplingRequest,
-             max_tokens: int | None, logprobs: int | None, param: str
-             ) -> tuple[list[int], SamplingParams]:
-    ids = engine.encode_prompt(prompt)
-    params = sampling_params(body, _max_tokens(max_tokens, len(ids), engine, param), logprobs)
-    engine.check_request(ids, params)
-    return ids, params
+def _prepared(processor: InputProcessor, request_id: str, prompt: str | list[int],
+              body: SamplingRequest, max_tokens: int | None, logprobs: int | None, param: str
+              ) -> PreparedRequest:
+    ids = processor.encode_prompt(prompt)
+    params = sampling_params(body, _max_tokens(max_tokens, len(ids), processor, param),
+                             logprobs)
+    return processor.prepared(request_id, ids, params)
+
+
+def request_ids(response_id: str, count: int) -> list[str]:
+    """The engine request id of each prompt of one HTTP request."""
+    return [response_id] if count == 1 else [f"{response_id}-{i}" for i in range(count)]
 
 
 def prompt_list(prompt: str | list) -> list[str | list[int]]:
@@ -91,9 +97,9 @@ def prompt_list(prompt: str | list) -> list[str | list[int]]:
     return list(prompt)
 
 
-def completion_inputs(body: CompletionRequest, engine: LLMEngine, max_prompts: int
-                      ) -> tuple[list[list[int]], list[SamplingParams]]:
-    """Token ids and params of every prompt of a /v1/completions request."""
+def completion_inputs(body: CompletionRequest, processor: InputProcessor, max_prompts: int,
+                      response_id: str) -> list[PreparedRequest]:
+    """One prepared engine request per prompt of a /v1/completions request."""
     _reject_unsupported(body)
     prompts = prompt_list(body.prompt)
     if not prompts:
@@ -101,19 +107,18 @@ def completion_inputs(body: CompletionRequest, engine: LLMEngine, max_prompts: i
     if len(prompts) > max_prompts:
         raise InvalidRequestError(f"at most {max_prompts} prompts per request, got "
                                   f"{len(prompts)}", param="prompt")
-    checked = [_checked(engine, p, body, body.max_tokens, body.logprobs, "prompt")
-               for p in prompts]
-    return [ids for ids, _ in checked], [params for _, params in checked]
+    return [_prepared(processor, rid, p, body, body.max_tokens, body.logprobs, "prompt")
+            for rid, p in zip(request_ids(response_id, len(prompts)), prompts, strict=True)]
 
 
-def chat_inputs(body: ChatCompletionRequest, engine: LLMEngine
-                ) -> tuple[list[int], SamplingParams]:
-    """Token ids (the chat template applied) and params of a chat request."""
+def chat_inputs(body: ChatCompletionRequest, processor: InputProcessor, response_id: str
+                ) -> PreparedRequest:
+    """The prepared engine request of a chat request (the chat template applied)."""
     _reject_unsupported(body)
-    ids = engine.tokenizer.apply_chat_template(chat_messages(body))
+    ids = processor.tokenizer.apply_chat_template(chat_messages(body))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = _value(body.max_completion_tokens, body.max_tokens)
-    return _checked(engine, ids, body, max_tokens, logprobs, "messages")
+    return _prepared(processor, response_id, ids, body, max_tokens, logprobs, "messages")
 
 
 def chat_messages(body: ChatCompletionRequest | object) -> list[dict]:

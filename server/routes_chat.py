@@ -27,7 +27,7 @@ class ChatFormat:
                  response_id: str) -> None:
         self.gen = gen
         self.n = body.n
-        self.tokenizer = state.llm.tokenizer
+        self.tokenizer = state.processor.tokenizer
         self.want_logprobs = body.logprobs
         self.created = int(time.time())
         self.head = {"id": response_id, "object": "chat.completion.chunk",
@@ -64,9 +64,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = server_state(request)
     with state.counting_invalid():
         check_model(body.model, state.model_name)
-        prompt, params = chat_inputs(body, state.llm)
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    gen = state.generation(request, response_id, [prompt], [params])
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        prepared = chat_inputs(body, state.processor, response_id)
+    gen = state.generation(request, [prepared])
     fmt = ChatFormat(state, body, gen, response_id)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(gen, fmt, body.stream, include_usage, request)

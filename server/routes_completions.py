@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from engine.request import CompletionOutput
-from engine.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer
 from server.generation import Generation
 from server.outputs import completion_logprobs, respond, usage
 from server.params import check_model, completion_inputs, prompt_list
@@ -27,7 +27,7 @@ class CompletionFormat:
     def __init__(self, state: ServerState, body: CompletionRequest, gen: Generation,
                  response_id: str) -> None:
         self.gen = gen
-        self.tokenizer = state.llm.tokenizer
+        self.tokenizer = state.processor.tokenizer
         self.n = body.n
         self.want_logprobs = body.logprobs is not None
         self.head = {"id": response_id, "object": "text_completion",
@@ -81,9 +81,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = server_state(request)
     with state.counting_invalid():
         check_model(body.model, state.model_name)
-        prompts, params = completion_inputs(body, state.llm, state.settings.max_prompts)
-    response_id = f"cmpl-{uuid.uuid4().hex}"
-    gen = state.generation(request, response_id, prompts, params)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        prepared = completion_inputs(body, state.processor, state.settings.max_prompts,
+                                     response_id)
+    gen = state.generation(request, prepared)
     fmt = CompletionFormat(state, body, gen, response_id)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(gen, fmt, body.stream, include_usage, request)

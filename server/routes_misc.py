@@ -7,6 +7,7 @@ import importlib.metadata
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from engine.async_engine import HealthState
 from engine.errors import InvalidRequestError
 from server.errors import error_body
 from server.params import chat_messages, check_model
@@ -33,9 +34,9 @@ def server_version() -> str:
 
 
 def _card(state: ServerState) -> ModelCard:
-    cfg = state.llm.model_config
+    cfg = state.processor.model_config
     return ModelCard(id=state.model_name, created=state.created,
-                     max_model_len=state.llm.max_model_len, max_loops=cfg.max_loops,
+                     max_model_len=state.processor.max_model_len, max_loops=cfg.max_loops,
                      n_layers=cfg.n_layers)
 
 
@@ -56,14 +57,14 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """A prompt (with the bos token unless add_special_tokens is false) or chat messages."""
     state = server_state(request)
     check_model(body.model, state.model_name)
-    tokenizer = state.llm.tokenizer
+    tokenizer = state.processor.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
         tokens = tokenizer.apply_chat_template(chat_messages(body), body.add_generation_prompt)
     else:
         tokens = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
-    return TokenizeResponse(count=len(tokens), max_model_len=state.llm.max_model_len,
+    return TokenizeResponse(count=len(tokens), max_model_len=state.processor.max_model_len,
                             tokens=tokens)
 
 
@@ -71,12 +72,12 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = server_state(request)
     check_model(body.model, state.model_name)
-    vocab = state.llm.model_config.vocab_size
+    vocab = state.processor.model_config.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise InvalidRequestError(f"tokens must be integers in [0, {vocab}), got {bad[0]}",
                                   param="tokens")
-    return DetokenizeResponse(prompt=state.llm.tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=state.processor.tokenizer.decode(body.tokens))
 
 
 @router.get("/health", response_model=HealthResponse)
@@ -85,7 +86,7 @@ async def health(request: Request) -> Response:
     status = server_state(request).engine.health()
     if status.ok:
         return JSONResponse({"status": "ok"})
-    code = "draining" if status.reason == "draining" else "engine_unavailable"
+    code = "draining" if status.state is HealthState.DRAINING else "engine_unavailable"
     return JSONResponse(error_body(503, status.reason, code=code), status_code=503)
 
 

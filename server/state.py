@@ -14,8 +14,7 @@ from starlette.requests import Request
 
 from engine.async_engine import AsyncEngine
 from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from engine.input_processor import InputProcessor, PreparedRequest
 from server.errors import APIError
 from server.generation import Generation, RequestContext
 from server.metrics import ServerMetrics
@@ -33,16 +32,13 @@ class ServerState:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property
-    def llm(self) -> LLMEngine:
-        """The synchronous engine core: tokenizer, model config, context length."""
-        return self.engine.engine
+    def processor(self) -> InputProcessor:
+        """The front door: tokenizer, model config, context length (immutable)."""
+        return self.engine.processor
 
-    def generation(self, request: Request, response_id: str, prompts: list[list[int]],
-                   params: list[SamplingParams]) -> Generation:
-        ids = [response_id] if len(prompts) == 1 else [
-            f"{response_id}-{i}" for i in range(len(prompts))]
+    def generation(self, request: Request, prepared: list[PreparedRequest]) -> Generation:
         ctx = RequestContext.of(request, self.settings.request_timeout)
-        return Generation(self.engine, self.metrics, ctx, ids, prompts, params)
+        return Generation(self.engine, self.metrics, ctx, prepared)
 
     @contextlib.contextmanager
     def counting_invalid(self) -> Iterator[None]:

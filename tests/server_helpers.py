@@ -17,7 +17,7 @@ from engine import EngineConfig, save_model
 from server.app import build_engine, create_app
 from server.settings import ServerSettings
 from server.state import ServerState
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 MODEL_NAME = "tiny-test"
 
@@ -78,7 +78,7 @@ class LiveServer:
 
     def assert_no_blocks_owned(self) -> None:
         self.wait_idle()
-        blocks = self.state.llm.block_manager
+        blocks = self.state.engine.engine.block_manager
         blocks.check_integrity()
         assert blocks.usage() == 0.0
         assert not blocks.tables

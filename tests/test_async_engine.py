@@ -17,7 +17,7 @@ from engine import (
     load_tokenizer,
 )
 from engine.async_engine import AsyncEngine
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -30,7 +30,7 @@ def make_engine(max_queue: int = 4) -> AsyncEngine:
 
 
 async def collect(engine: AsyncEngine, prompt, params=GREEDY):
-    deltas = [d async for d in engine.generate(prompt, params)]
+    deltas = [d async for d in engine.generate(engine.prepare(prompt, params))]
     return deltas
 
 
@@ -58,7 +58,7 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks():
 
     async def main():
         params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-        async for _ in engine.generate("a long one", params):
+        async for _ in engine.generate(engine.prepare("a long one", params)):
             break  # the client went away
         for _ in range(100):
             if not engine.engine.has_unfinished():
@@ -148,10 +148,10 @@ def test_a_request_that_fails_to_add_or_a_failing_stats_callback_keeps_the_loop_
     engine = make_engine()
     real_add = engine.engine.add_request
 
-    def picky_add(request_id, prompt, params, arrival_time=None):
-        if params.max_tokens == 3:
+    def picky_add(request):
+        if request.params.max_tokens == 3:
             raise ValueError("unexpected trouble")
-        return real_add(request_id, prompt, params, arrival_time)
+        return real_add(request)
 
     def broken_callback(stats):
         raise RuntimeError("metrics exploded")

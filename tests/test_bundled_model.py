@@ -12,7 +12,7 @@ import json
 import pytest
 
 from engine import ByteTokenizer, load_model
-from engine.weights import BUNDLED_MODEL_DIR
+from model.weights import BUNDLED_MODEL_DIR
 from training.data import Corpus
 from training.decode import greedy_decode
 

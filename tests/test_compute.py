@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine import ModelConfig
-from engine.compute import (
+from model.flops import (
     attention_flops,
     block_matmul_flops,
     causal_attention_flops,
@@ -17,7 +17,7 @@ from engine.compute import (
     sequence_matmul_flops,
     token_flops,
 )
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 CONFIGS = [
     {},  # tiny: loops 3, both banks, GQA

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import PRESETS, ConfigError, LoopLM, ModelConfig, get_preset
-from engine.compute import parameter_count
+from model.flops import parameter_count
 
 
 @pytest.mark.parametrize("changes, message", [

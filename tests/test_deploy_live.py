@@ -86,7 +86,7 @@ def model_dir(tmp_path_factory) -> Path:
     if (BUNDLED_MODEL / "config.json").exists():
         return BUNDLED_MODEL
     from engine import save_model
-    from tests.conftest import make_model
+    from tests.helpers import make_model
 
     path = tmp_path_factory.mktemp("model") / "tiny"
     save_model(make_model(), path)

@@ -10,70 +10,14 @@ import torch
 from engine import InvalidRequestError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
-from tests.conftest import make_model
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def reference_greedy(model, prompt: list[int], max_tokens: int, threshold: float | None,
-                     max_loops: int | None) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding with the uncached reference forward; returns tokens and logits."""
-    ids = list(prompt)
-    tokens, logits = [], []
-    for _ in range(max_tokens):
-        out = model.reference_forward(torch.tensor([ids]), halt_threshold=threshold,
-                                      max_loops=max_loops)
-        row = out.logits[0, -1]
-        logits.append(row)
-        tokens.append(int(row.argmax()))
-        ids.append(tokens[-1])
-    return tokens, logits
-
-
-class LogitRecorder:
-    """Wraps the engine's sampler to keep the logits each request was sampled from."""
-
-    def __init__(self, llm: LLM) -> None:
-        self.by_parent: dict[str, list[torch.Tensor]] = {}
-        self._sampler = llm.engine.sampler
-        llm.engine.sampler = self
-
-    def __call__(self, logits, requests):
-        for row, request in enumerate(requests):
-            self.by_parent.setdefault(request.parent_id, []).append(logits[row].clone())
-        return self._sampler(logits, requests)
-
-
-def random_prompts(count: int, seed: int, low: int = 3, high: int = 40) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(low, high, (count,), generator=gen).tolist()
-    return [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
-
-
-def check_against_reference(model, llm: LLM, prompts, params_list, recorder=None) -> None:
-    outputs = llm.generate(prompts, params_list)
-    for i, (prompt, params, out) in enumerate(zip(prompts, params_list, outputs, strict=True)):
-        threshold = params.halt_threshold if params.halt_threshold is not None else (
-            model.config.halt_threshold)
-        if llm.engine.config.mode == "max_depth":
-            threshold = None
-        tokens, logits = reference_greedy(model, prompt, params.max_tokens, threshold,
-                                          params.max_loops)
-        assert out.token_ids == tokens, f"prompt {i} diverged"
-        if recorder is not None:
-            got = recorder.by_parent[out.request_id]
-            assert len(got) == len(logits)
-            for position, (a, b) in enumerate(zip(got, logits, strict=True)):
-                torch.testing.assert_close(a, b, rtol=0, atol=1e-4,
-                                           msg=f"prompt {i} position {position}")
-    llm.engine.block_manager.check_integrity()
-    assert llm.engine.block_manager.usage() == 0.0
-
-
-def mixed_params(count: int, max_tokens: int = 6) -> list[SamplingParams]:
-    thresholds = [None, 0.0, 0.2, 0.5, 0.05]
-    return [SamplingParams(max_tokens=max_tokens, halt_threshold=thresholds[i % 5],
-                           max_loops=[None, 1, 2, 3][i % 4], **GREEDY) for i in range(count)]
+from tests.helpers import (
+    GREEDY,
+    LogitRecorder,
+    check_against_reference,
+    make_model,
+    mixed_params,
+    random_prompts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +101,7 @@ def test_compute_statistics(model):
 def test_abort_frees_blocks(model):
     llm = LLM(model, num_kv_blocks=64, block_size=4)
     engine = llm.engine
-    ids = [engine.add_request(None, p, SamplingParams(max_tokens=20, **GREEDY))
+    ids = [engine.add_request(engine.prepare(p, SamplingParams(max_tokens=20, **GREEDY)))
            for p in random_prompts(4, seed=9)]
     engine.step()
     engine.step()

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine.model as model_module
+import model.looplm as model_module
 from engine import InvalidRequestError
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 SEMANTICS = [None, 0.3]  # exact, adaptive
 
@@ -212,10 +212,19 @@ def test_training_loss_and_ponder_penalty(tiny_model):
     assert router_grad is not None and router_grad.abs().sum() > 0
 
 
-def test_expected_steps_are_the_act_mixture_weights(tiny_model):
-    ids = torch.randint(0, 256, (1, 9))
-    out = tiny_model.reference_forward(ids)
-    assert (out.expected_steps >= 1).all() and (out.expected_steps <= 3).all()
+@pytest.mark.parametrize("bias", [-2.0, 0.0, 1.5])
+def test_expected_steps_are_the_act_mixture_weights(tiny_model, bias):
+    """A constant router lam = sig(b) gives p = (s, s(1-s), (1-s)^2) over N = 3 steps, so
+    the expected number of steps is s + 2 s (1-s) + 3 (1-s)^2 in every layer."""
+    with torch.no_grad():
+        for block in tiny_model.layers:
+            block.router.weight.zero_()
+            block.router.bias.fill_(bias)
+    out = tiny_model.reference_forward(torch.randint(0, 256, (1, 9)))
+    s = torch.sigmoid(torch.tensor(bias)).item()
+    expected = s + 2 * s * (1 - s) + 3 * (1 - s) ** 2
+    torch.testing.assert_close(out.expected_steps, torch.full_like(out.expected_steps,
+                                                                   expected))
 
 
 def test_too_long_input_is_rejected(tiny_model):

@@ -6,20 +6,15 @@ import pytest
 import torch
 
 from engine import LLM, InvalidRequestError, ModelConfig, SamplingParams
-from engine.compute import ComputeTracker
 from engine.request import Request
 from engine.sampler import Sampler, apply_penalties, filtered_probs
-from tests.conftest import make_model
+from tests.helpers import make_model, make_request
 
 CFG = ModelConfig()
 
 
 def request_with(params: SamplingParams, tokens=(1, 2, 3), output=()) -> Request:
-    request = Request(request_id="r#0", parent_id="r", index=0, prompt_token_ids=list(tokens),
-                      params=params, halt_threshold=0.1, max_loops=3,
-                      compute=ComputeTracker(CFG, 3), eos_token_id=258, max_total_tokens=256)
-    request.token_ids += list(output)
-    return request
+    return make_request("r#0", list(tokens), params, output=tuple(output), parent="r")
 
 
 def test_top_k_one_equals_greedy():

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from engine import ModelConfig, SamplingParams
 from engine.block_manager import BlockManager
-from engine.compute import ComputeTracker
-from engine.request import Request, RequestStatus
+from engine.request import RequestStatus
 from engine.scheduler import Scheduler
-
-CFG = ModelConfig()
-
-
-def make_request(name: str, prompt_len: int) -> Request:
-    return Request(request_id=name, parent_id=name, index=0,
-                   prompt_token_ids=list(range(prompt_len)), params=SamplingParams(),
-                   halt_threshold=0.1, max_loops=3, compute=ComputeTracker(CFG, 3),
-                   eos_token_id=CFG.eos_token_id, max_total_tokens=256)
+from tests.helpers import make_request
 
 
 def make_scheduler(num_blocks=32, budget=16, max_seqs=8, chunked=True) -> Scheduler:
@@ -29,7 +19,7 @@ def run_step(scheduler: Scheduler):
     scheduler.advance(out)
     for chunk in out.chunks:
         if chunk.samples:
-            chunk.request.token_ids.append(1)
+            chunk.request.append_token(1)
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_helpers import LiveServer, engine_config, make_checkpoint, sse_events
+from tests.server_helpers import LiveServer, make_checkpoint, sse_events
 
 REPO = Path(__file__).resolve().parent.parent
 LONG = {"prompt": "a long answer", "max_tokens": 200, "ignore_eos": True}
@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory):
 
 def slow_steps(server: LiveServer, seconds: float) -> None:
     """Make every engine step take at least `seconds` (generation outlasts the client)."""
-    llm = server.state.llm
+    llm = server.state.engine.engine
     real_step = llm.step
 
     def step():
@@ -45,7 +45,7 @@ def slow_steps(server: LiveServer, seconds: float) -> None:
 
 def held_steps(server: LiveServer) -> threading.Event:
     """Hold every engine step until the returned event is set."""
-    llm, gate = server.state.llm, threading.Event()
+    llm, gate = server.state.engine.engine, threading.Event()
     real_step = llm.step
 
     def step():
@@ -134,7 +134,7 @@ def test_health_fails_when_the_engine_dies(checkpoint):
         def broken_step():
             raise RuntimeError("device fell off")
 
-        server.state.llm.step = broken_step
+        server.state.engine.engine.step = broken_step
         response = http.post("/v1/completions", json={"prompt": "x"})
         assert response.status_code == 503
         assert response.json()["error"]["type"] == "service_unavailable"
@@ -153,6 +153,28 @@ def test_health_fails_while_the_engine_is_stalled(checkpoint):
         time.sleep(0.5)
         stalled = http.get("/health")
         assert stalled.status_code == 503 and "stalled" in stalled.json()["error"]["message"]
+        gate.set()
+        worker.join(10)
+        assert http.get("/health").status_code == 200
+
+
+def test_health_fails_while_steps_run_but_compute_nothing(checkpoint):
+    """The livelock shape: the loop keeps stepping, every step schedules nothing."""
+    from engine.scheduler import SchedulerOutput
+
+    with LiveServer(checkpoint, stall_timeout=0.3) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        scheduler, gate = server.state.engine.engine.scheduler, threading.Event()
+        real_schedule = scheduler.schedule
+        scheduler.schedule = lambda: (real_schedule() if gate.is_set()
+                                      else SchedulerOutput([], [], []))
+        worker = threading.Thread(target=http.post, args=("/v1/completions",),
+                                  kwargs={"json": {"prompt": "x", "max_tokens": 2}})
+        worker.start()
+        time.sleep(0.8)
+        stalled = http.get("/health")
+        assert stalled.status_code == 503 and "stalled" in stalled.json()["error"]["message"]
+        assert server.state.engine.engine.num_steps > 10  # empty steps did run
         gate.set()
         worker.join(10)
         assert http.get("/health").status_code == 200
@@ -225,4 +247,5 @@ def test_flags_come_from_the_environment(monkeypatch):
     assert settings.api_keys == ("a", "b") and settings.max_queue == 7
     assert settings.port == 9000
     assert not config.enable_prefix_caching and config.mode == "max_depth"
-    assert engine_config().block_size == 4
+    monkeypatch.delenv("LOOPSERVE_MAX_QUEUE")  # without it, the flag's default again
+    assert settings_from(build_parser().parse_args([]))[0].max_queue != 7

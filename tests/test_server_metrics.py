@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import LLMEngine, StepStats, load_tokenizer
 from engine.async_engine import AsyncEngine
 from server.metrics import ServerMetrics
-from tests.conftest import make_model
+from tests.helpers import make_model
 from tests.server_helpers import (
     MODEL_NAME,
     LiveServer,
@@ -157,11 +157,19 @@ def test_openmetrics_carries_request_ids_as_exemplars(traffic):
         assert ids and ids <= {f"metrics-{i}" for i in range(4)}
 
 
-def test_a_metrics_bug_never_reaches_the_engine_thread():
+def test_a_metrics_bug_never_reaches_the_engine_thread(caplog):
     model = make_model()
     engine = AsyncEngine(LLMEngine(model, load_tokenizer(None, model.config), engine_config()))
-    broken = StepStats(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_preempted=-1,
-                       num_prompt_tokens=0, num_generation_tokens=0, prefix_queries=0,
-                       prefix_hits=0, active_per_call=[], layer_iterations=[1.0], layer_tokens=1,
-                       layer_gates=[])
-    ServerMetrics(engine, MODEL_NAME).on_step(broken)  # a negative increment: logged only
+    metrics = ServerMetrics(engine, MODEL_NAME)
+
+    def stats(preempted: int) -> StepStats:
+        return StepStats(num_running=0, num_waiting=0, kv_cache_usage=0.0,
+                         num_preempted=preempted, num_prompt_tokens=0, num_generation_tokens=0,
+                         prefix_queries=0, prefix_hits=0, active_per_call=[],
+                         layer_iterations=[1.0], layer_tokens=1, layer_gates=[])
+
+    with caplog.at_level("ERROR", logger="loopserve.server"):
+        metrics.on_step(stats(-1))  # a negative increment: logged, not raised
+    assert any("could not record" in r.getMessage() for r in caplog.records)
+    metrics.on_step(stats(2))  # and the next step is recorded as usual
+    assert metrics.preemptions._value.get() == 2

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import CheckpointError, load_model, save_model
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 
 def test_round_trip_gives_identical_logits(tmp_path):
