@@ -203,12 +203,105 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"cannot parse {path}: {exc}") from exc
 
 
+def _is_byte_export(directory: Path) -> bool:
+    """tokenizer.json written by `write_hf_tokenizer_files`: the byte tokenizer serves it."""
+    return _read_json(directory / "tokenizer_config.json").get("type") == "byte"
+
+
 def load_tokenizer(directory: str | Path | None, config: ModelConfig) -> Tokenizer:
-    """The checkpoint's tokenizer.json if it has one, else the byte tokenizer of `config`."""
-    if directory is not None and (Path(directory) / "tokenizer.json").is_file():
+    """The checkpoint's tokenizer.json if it has one (unless it is the byte tokenizer's own
+    export, see `write_hf_tokenizer_files`), else the byte tokenizer of `config`."""
+    if directory is not None and (Path(directory) / "tokenizer.json").is_file() and not (
+            config.tokenizer == "byte" and _is_byte_export(Path(directory))):
         return HFTokenizer(Path(directory), config)
     if config.tokenizer != "byte":
         raise CheckpointError(f"config names tokenizer {config.tokenizer!r} but {directory} has "
                               f"no tokenizer.json")
     return ByteTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_id,
                          config.pad_token_id)
+
+
+# ---------------------------------------------------------------------- Hugging Face export
+# The byte tokenizer as Hugging Face files, for clients that load a tokenizer themselves
+# (transformers.AutoTokenizer, lm-evaluation-harness, guidellm). Byte-level BPE without
+# merges: every byte is one token whose id is the byte, the special tokens are added tokens
+# with their ids, and a text gets <bos> first when special tokens are added (as the server's
+# text prompts and /tokenize do). The chat template renders the same ids as
+# `apply_chat_template`, because the rendered role markers parse as their special tokens.
+# One difference remains: a text that spells a special token ("<eos>") is that token to
+# Hugging Face and bytes to loopserve.
+HF_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+    "<|{{ role }}|>{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable character for each byte (what the ByteLevel pre-tokenizer emits)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def hf_tokenizer_json(tok: ByteTokenizer) -> dict:
+    """tokenizer.json (the `tokenizers` format) of the byte tokenizer."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": False}
+    added = [{"id": i, "content": tok.token_text(i), "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": True}
+             for i in range(256, tok.vocab_size)]
+    bos = tok.token_text(tok.bos_token_id)
+    template = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                         {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [tok.bos_token_id],
+                                         "tokens": [bos]}}}
+    model = {"type": "BPE", "dropout": None, "unk_token": None,
+             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+             "byte_fallback": False, "ignore_merges": False,
+             "vocab": {c: b for b, c in enumerate(_byte_chars())}, "merges": []}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": None, "pre_tokenizer": byte_level, "post_processor": template,
+            "decoder": byte_level, "model": model}
+
+
+def hf_tokenizer_config(tok: ByteTokenizer, max_length: int) -> dict:
+    """tokenizer_config.json: what transformers reads, and loopserve's own description."""
+    name = tok.token_text
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(tok.bos_token_id), "eos_token": name(tok.eos_token_id),
+        "pad_token": name(tok.pad_token_id), "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False, "chat_template": HF_CHAT_TEMPLATE,
+        # loopserve's description (`type` makes load_tokenizer serve the byte tokenizer)
+        "type": "byte", "vocab_size": tok.vocab_size,
+        "byte_ids": "0..255 are the UTF-8 bytes themselves",
+        "special_tokens": {name(i): i for i in range(256, 262)},
+        "role_markers": {role: name(i) for role, i in tok.role_ids.items()},
+    }
+
+
+def write_hf_tokenizer_files(directory: str | Path, config: ModelConfig) -> list[Path]:
+    """Write tokenizer.json and tokenizer_config.json of a byte-tokenizer checkpoint."""
+    if config.tokenizer != "byte":
+        raise CheckpointError(f"only the byte tokenizer can be exported, the config names "
+                              f"{config.tokenizer!r}")
+    tok = ByteTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_id,
+                        config.pad_token_id)
+    out = Path(directory)
+    files = {"tokenizer.json": hf_tokenizer_json(tok),
+             "tokenizer_config.json": hf_tokenizer_config(tok, config.max_position)}
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    return [out / name for name in files]

@@ -4,9 +4,10 @@
         --threshold 0.1 --compare exact=runs/cmp-exact/val/eval.json ...
 
 `dest` receives config.json (with the chosen default `halt_threshold`), model.safetensors,
-tokenizer_config.json, eval.json + eval.png (`loopserve eval`), training.png (the run's
-log) and README.md, whose every number is read from those files; the card's hand-written
-notes (after NOTES_MARKER) survive a rewrite.
+the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json with the chat
+template; `model.tokenizer.write_hf_tokenizer_files`), eval.json + eval.png (`loopserve
+eval`), training.png (the run's log) and README.md, whose every number is read from those
+files; the card's hand-written notes (after NOTES_MARKER) survive a rewrite.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from model.config import ModelConfig
 from model.flops import parameter_count
+from model.tokenizer import write_hf_tokenizer_files
 from training import evaluate
 from training.data import DIFFICULTIES, FACT_QUESTIONS, Corpus, Mixture
 from training.plots import plot_training
@@ -40,8 +42,8 @@ def ship(run: Path, dest: Path, threshold: float | None) -> ModelConfig:
     if threshold is not None:
         config = config.replace(halt_threshold=threshold)
     config.save(dest / "config.json")
-    for name in ("model.safetensors", "tokenizer_config.json"):
-        shutil.copy(run / name, dest / name)
+    shutil.copy(run / "model.safetensors", dest / "model.safetensors")
+    write_hf_tokenizer_files(dest, config)
     return config
 
 
