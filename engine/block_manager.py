@@ -77,9 +77,11 @@ class BlockManager:
         """The cached blocks of the request's longest cached prefix. No side effects.
 
         At least one token is always left to compute, so that the request still produces
-        logits for its next token."""
+        logits for its next token. A request that asks for prompt logprobs takes no hits."""
         if not self.enable_prefix_caching or request.request_id in self.tables:
             return []
+        if getattr(request.params, "prompt_logprobs", None) is not None:
+            return []  # every prompt position must be computed to yield its logprob
         limit = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []
         for block_hash in request.block_hashes[:limit]:

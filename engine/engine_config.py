@@ -9,6 +9,7 @@ import torch
 from engine.errors import ConfigError
 
 MODES = ("adaptive", "max_depth")
+LOOP_FORMS = ("auto", "masked", "compacted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     mode: str = "adaptive"  # or "max_depth": every token runs N loops (for comparison)
+    loop_form: str = "auto"  # form of each (layer, loop step): auto (measured), masked, compacted
     seed: int = 0
     num_threads: int | None = None  # CPU threads of torch (process-wide); None: torch's choice
 
@@ -38,6 +40,9 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_mb <= 0:
             raise ConfigError(f"kv_cache_memory_mb must be > 0, got {self.kv_cache_memory_mb}")
+        if self.loop_form not in LOOP_FORMS:
+            raise ConfigError(f"loop_form must be one of {list(LOOP_FORMS)}, got "
+                              f"{self.loop_form!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.num_threads is not None and self.num_threads < 1:

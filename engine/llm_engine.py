@@ -75,7 +75,9 @@ class LLMEngine:
                                    self.config.max_num_batched_tokens,
                                    self.config.enable_chunked_prefill)
         self.runner = ModelRunner(model, num_blocks, self.config.block_size,
-                                  max_depth=self.config.mode == "max_depth")
+                                  max_depth=self.config.mode == "max_depth",
+                                  loop_form=self.config.loop_form,
+                                  calibration_rows=min(256, self.config.max_num_batched_tokens))
         self.sampler = Sampler(self.config.seed)
         self.flop_table = FlopTable(model.config)
         self.stats_callback = stats_callback

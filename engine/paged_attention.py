@@ -67,14 +67,19 @@ class AttentionPlan:
         return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded, ends,
                    starts_t)
 
-    def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor, q: torch.Tensor
-               ) -> torch.Tensor:
-        """Attention output [A, H * hd] for active flat tokens `active` [A] (sorted) with
-        queries q [A, H, hd], reading plane `plane` (0-based) of one layer's `cache`."""
+    def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor | None,
+               q: torch.Tensor) -> torch.Tensor:
+        """Attention output [A, H * hd] for the active flat tokens `active` [A] (sorted; None:
+        every token of the step, with no host sync) with queries q [A, H, hd], reading plane
+        `plane` (0-based) of one layer's `cache`."""
         if not self.prefills:  # decodes only: no slicing to do
             return self._attend_decodes(cache, plane, active, q)
+        if active is None:
+            active = self.all_tokens
+            bounds = self.slice_bounds
+        else:
+            bounds = torch.searchsorted(active, self.slice_starts).tolist()
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-        bounds = torch.searchsorted(active, self.slice_starts).tolist()
         if bounds[0] > 0:
             out[:bounds[0]] = self._attend_decodes(cache, plane, active[:bounds[0]],
                                                    q[:bounds[0]])
@@ -88,6 +93,15 @@ class AttentionPlan:
             if hi > lo:
                 out[lo:hi] = self._attend_prefill(cache, plane, piece, active[lo:hi], q[lo:hi])
         return out
+
+    @property
+    def all_tokens(self) -> torch.Tensor:
+        return torch.arange(self.positions.numel(), device=self.positions.device)
+
+    @property
+    def slice_bounds(self) -> list[int]:
+        """Where the decodes end and each prefill ends, in flat tokens (host-side)."""
+        return [self.num_decodes] + [p.token_end for p in self.prefills]
 
     def _pad_is_cheap(self, counts: list[int]) -> bool:
         """One padded call for every prefill when padding at most doubles the work."""
@@ -118,11 +132,14 @@ class AttentionPlan:
             attn_mask=mask[:, None], enable_gqa=True)  # [P, H, Lq, hd]
         return out.transpose(1, 2)[rows, cols].flatten(1)  # [A_p, H * hd]
 
-    def _attend_decodes(self, cache: torch.Tensor, plane: int, rows: torch.Tensor,
+    def _attend_decodes(self, cache: torch.Tensor, plane: int, rows: torch.Tensor | None,
                         q: torch.Tensor) -> torch.Tensor:
-        kv = cache[self.decode_blocks[rows], plane]  # whole blocks: [n, W, 2, bs, Hkv, hd]
+        """rows [n] of the decode rows (None: all of them)."""
+        blocks = self.decode_blocks if rows is None else self.decode_blocks[rows]
+        valid = self.decode_key_valid if rows is None else self.decode_key_valid[rows]
+        kv = cache[blocks, plane]  # whole blocks: [n, W, 2, bs, Hkv, hd]
         k, v = kv[:, :, 0].flatten(1, 2), kv[:, :, 1].flatten(1, 2)  # [n, W * bs, Hkv, hd]
-        mask = self.decode_key_valid[rows][:, None, None, :]  # [n, 1, 1, W * bs]
+        mask = valid[:, None, None, :]  # [n, 1, 1, W * bs]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             enable_gqa=True)  # [n, H, 1, hd]

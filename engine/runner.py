@@ -2,18 +2,20 @@
 
 Layer by layer (DESIGN section 4):
 
-    active = every token of the step ; R = 1 ; out = 0
-    for t = 1..N:
-        gather active -> memory read -> qkv -> write k, v into plane t
-        attention of active queries over their sequence's plane t
-        MLP -> router -> p_t, R_t ; out += p_t * h_t
+    state = every token of the step ; R = 1 ; out = 0
+    for t = 1..N (the step's largest max_loops):
+        one form of the (layer, t) step, chosen by the `FormPolicy`:
+          masked     every row; halted rows keep their state (torch.where), no host sync
+          compacted  only the rows still looping, gathered and scattered back
+        memory read -> qkv -> plane t gets kv_t (active rows) or kv_last (halted rows)
+        attention over plane t -> MLP -> router -> p_t, R_t ; out += p_t * h_t
         halted = R_t < eps (of its request) or t == max_loops (of its request)
-        halted: out += R_t * h_t ; copy their plane-t k/v into planes t+1..N
-        active = active without halted        # the next step's batch is smaller
+    planes past the last step run get every row's kv_last (the KV rule)
 
-Each (layer, step) is one batched call over exactly the tokens, from every request, that
-still loop there: the cost follows the loops spent. `max_depth=True` runs every token for
-N steps (what an engine without halting does), for side-by-side measurement.
+Both forms equal `LoopLM.reference_forward` and mix freely (`engine/loop_step.py`).
+`max_depth=True` runs every token for N steps (what an engine without halting does), for
+side-by-side measurement. The step's per-token depths, gate means and per-(layer, step)
+active counts come back to the host in one copy at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ import dataclasses
 import torch
 
 from engine.block_manager import BlockCopy
+from engine.form_policy import COMPACTED, FormPolicy, calibrate
+from engine.loop_step import (
+    LayerState,
+    StepTokens,
+    compacted_step,
+    fill_later_planes,
+    masked_step,
+)
 from engine.paged_attention import AttentionPlan
 from model.block import LoopBlock
 from model.looplm import LoopLM
@@ -48,55 +58,20 @@ class StepOutput:
     logits: torch.Tensor  # [S, V] fp32, rows as in StepInput.sample_rows
     depths: torch.Tensor  # [T, L] long on CPU
     gates: torch.Tensor  # [T, L, 2] fp32 on CPU: mean over executed steps
-    active_per_call: list[tuple[int, int, int]]  # (layer, step, active tokens) per call
-
-
-@dataclasses.dataclass
-class ActiveTokens:
-    """The tokens still looping in a layer, compacted: row i is flat token `ids[i]`."""
-
-    ids: torch.Tensor  # [A] flat token index
-    state: torch.Tensor  # [A, D] h_{t-1}
-    mixture: torch.Tensor  # [A, D] fp32: sum of p_t * h_t so far
-    remaining: torch.Tensor  # [A] fp32: R
-    gate_sum: torch.Tensor  # [A, 2] fp32
-    eps: torch.Tensor  # [A] halting threshold of each token's request
-    loops: torch.Tensor  # [A] max loops of each token's request
-    cos: torch.Tensor  # [A, 1, hd/2]
-    sin: torch.Tensor  # [A, 1, hd/2]
-    blocks: torch.Tensor  # [A] KV block of each token
-    offsets: torch.Tensor  # [A] offset in that block
-
-    def select(self, keep: torch.Tensor, state: torch.Tensor) -> ActiveTokens:
-        """The rows in `keep` [A] bool, with their new hidden state [A', D]."""
-        rows = keep.nonzero().squeeze(1)  # one mask-to-index conversion for every field
-        fields = {f.name: getattr(self, f.name).index_select(0, rows)
-                  for f in dataclasses.fields(self) if f.name != "state"}
-        return ActiveTokens(state=state, **fields)
-
-
-@dataclasses.dataclass
-class LayerResult:
-    """A layer's output for every token of the step, filled in as tokens halt."""
-
-    out: torch.Tensor  # [T, D] fp32 ACT mixture
-    depth: torch.Tensor  # [T] long
-    gates: torch.Tensor  # [T, 2] fp32 mean gate over executed steps
-
-    def record(self, tokens: ActiveTokens, halted: torch.Tensor, step: int) -> None:
-        ids = tokens.ids[halted]
-        self.out[ids] = tokens.mixture[halted]
-        self.depth[ids] = step
-        self.gates[ids] = tokens.gate_sum[halted] / step
+    active_per_call: list[tuple[int, int, int]]  # (layer, step, active tokens) per step run
 
 
 class ModelRunner:
     def __init__(self, model: LoopLM, num_blocks: int, block_size: int,
-                 max_depth: bool = False) -> None:
+                 max_depth: bool = False, loop_form: str = "auto",
+                 calibration_rows: int = 256) -> None:
         self.model = model
         self.config = model.config
         self.block_size = block_size
         self.max_depth = max_depth
+        cost_model = calibrate(model, calibration_rows) if loop_form == "auto" else None
+        self.policy = FormPolicy(model.config.n_layers, model.config.max_loops, loop_form,
+                                 cost_model)
         cfg = self.config
         shape = (num_blocks, cfg.max_loops, 2, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=model.device)
@@ -119,25 +94,47 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> StepOutput:
+        tokens = self._step_tokens(step)
+        h = self.model.embed(torch.tensor(step.token_ids, dtype=torch.long,
+                                          device=self.model.device))
+        num_steps = self.config.max_loops if self.max_depth else max(step.max_loops)
+        counts = torch.zeros(self.config.n_layers, num_steps, dtype=torch.long,
+                             device=h.device)  # active tokens per (layer, step)
+        depths, gate_means = [], []
+        for index, block in enumerate(self.model.layers):
+            layer = self._run_layer(index, block, h, tokens, num_steps, counts[index])
+            h = layer.mixture.to(h.dtype)
+            depths.append(layer.depth)
+            gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
+        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=h.device)
+        logits = self.model.logits(h[rows])
+        return self._fetch(logits, torch.stack(depths, -1), torch.stack(gate_means, -2), counts)
+
+    def _fetch(self, logits: torch.Tensor, depths: torch.Tensor, gates: torch.Tensor,
+               counts: torch.Tensor) -> StepOutput:
+        """Depths [T, L], gates [T, L, 2] and counts [L, n] to the host in one copy."""
+        total, layers = depths.shape
+        packed = torch.cat((depths.flatten().float(), gates.flatten().float(),
+                            counts.flatten().float())).cpu()
+        host_depths = packed[:total * layers].long().view(total, layers)
+        host_gates = packed[total * layers:total * layers * 3].view(total, layers, 2)
+        host_counts = packed[total * layers * 3:].long().view(layers, -1).tolist()
+        self.policy.observe(host_counts, total)
+        calls = [(layer, t + 1, count) for layer, row in enumerate(host_counts)
+                 for t, count in enumerate(row) if count]
+        return StepOutput(logits=logits, depths=host_depths, gates=host_gates,
+                          active_per_call=calls)
+
+    def _step_tokens(self, step: StepInput) -> StepTokens:
         device = self.model.device
         positions = torch.tensor(step.positions, dtype=torch.long, device=device)
         plan = AttentionPlan.build(step.block_tables, step.starts, step.lengths,
                                    step.num_decodes, self.block_size, positions)
-        slots = self._write_slots(step, positions)
+        blocks, offsets = self._write_slots(step, positions)
         eps, loops = self._per_token_limits(step, device)
         cos, sin = self.model.rotary.tables(positions)  # [T, 1, hd/2]
-        h = self.model.embed(torch.tensor(step.token_ids, dtype=torch.long, device=device))
-        depths, gates, calls = [], [], []
-        for index, block in enumerate(self.model.layers):
-            layer = self._run_layer(index, block, h, plan, slots, eps, loops, cos, sin, calls)
-            h = layer.out.to(h.dtype)
-            depths.append(layer.depth)
-            gates.append(layer.gates)
-        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=device)
-        return StepOutput(logits=self.model.logits(h[rows]),
-                          depths=torch.stack(depths, dim=-1).cpu(),
-                          gates=torch.stack(gates, dim=-2).float().cpu(),
-                          active_per_call=calls)
+        return StepTokens(cos=cos, sin=sin, eps=eps, loops=loops, blocks=blocks,
+                          offsets=offsets, plan=plan)
 
     def _write_slots(self, step: StepInput, positions: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,67 +154,25 @@ class ModelRunner:
             total = len(step.token_ids)
             return (torch.full((total,), -1.0, device=device),
                     torch.full((total,), n, dtype=torch.long, device=device))
-        lengths = torch.tensor(step.lengths, device=device)
-        eps = torch.tensor(step.halt_thresholds, dtype=torch.float32, device=device)
-        loops = torch.tensor(step.max_loops, dtype=torch.long, device=device)
-        return eps.repeat_interleave(lengths), loops.repeat_interleave(lengths)
+        eps = [e for e, length in zip(step.halt_thresholds, step.lengths, strict=True)
+               for _ in range(length)]
+        loops = [m for m, length in zip(step.max_loops, step.lengths, strict=True)
+                 for _ in range(length)]
+        return (torch.tensor(eps, dtype=torch.float32, device=device),
+                torch.tensor(loops, dtype=torch.long, device=device))
 
-    def _run_layer(self, index: int, block: LoopBlock, h: torch.Tensor, plan: AttentionPlan,
-                   slots: tuple[torch.Tensor, torch.Tensor], eps: torch.Tensor,
-                   loops: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   calls: list[tuple[int, int, int]]) -> LayerResult:
-        total, width = h.shape
-        cache = self.kv_caches[index]
-        result = LayerResult(
-            out=torch.empty(total, width, dtype=torch.float32, device=h.device),
-            depth=torch.empty(total, dtype=torch.long, device=h.device),
-            gates=torch.empty(total, 2, dtype=torch.float32, device=h.device))
-        tokens = ActiveTokens(
-            ids=torch.arange(total, device=h.device), state=h,
-            mixture=torch.zeros(total, width, dtype=torch.float32, device=h.device),
-            remaining=torch.ones(total, dtype=torch.float32, device=h.device),
-            gate_sum=torch.zeros(total, 2, dtype=torch.float32, device=h.device),
-            eps=eps, loops=loops, cos=cos, sin=sin, blocks=slots[0], offsets=slots[1])
-        for step in range(1, self.config.max_loops + 1):
-            calls.append((index, step, tokens.ids.numel()))
-            x, gates = block.read_memory(tokens.state, self.model.global_bank)
-            q, k, v = block.project_qkv(x, tokens.cos, tokens.sin)
-            kv = torch.stack((k, v), dim=1)  # [A, 2, Hkv, hd]
-            cache[tokens.blocks, step - 1, :, tokens.offsets] = kv
-            h_step = block.finish_step(x, plan.attend(cache, step - 1, tokens.ids, q), step)
-            halted = self._mix(tokens, block, h_step, gates, step)
-            if not bool(halted.any()):
-                tokens.state = h_step
-                continue
-            result.record(tokens, halted, step)
-            self._copy_halted_kv(cache, tokens.blocks[halted], tokens.offsets[halted],
-                                 kv[halted], step)
-            keep = ~halted
-            tokens = tokens.select(keep, h_step[keep])  # the regrouping: a smaller batch
-            if tokens.ids.numel() == 0:
-                break
-        return result
-
-    @staticmethod
-    def _mix(tokens: ActiveTokens, block: LoopBlock, h_step: torch.Tensor, gates: torch.Tensor,
-             step: int) -> torch.Tensor:
-        """ACT update of the active tokens; returns which of them halt at this step [A].
-        A halting token's leftover mass R goes to its last state h_step."""
-        p = block.halt_probability(h_step, step) * tokens.remaining  # [A]
-        tokens.remaining = tokens.remaining - p
-        halted = (tokens.remaining < tokens.eps) | (tokens.loops <= step)
-        weight = torch.where(halted, p + tokens.remaining, p)
-        tokens.mixture += weight.unsqueeze(-1) * h_step.float()
-        tokens.gate_sum += gates
-        return halted
-
-    def _copy_halted_kv(self, cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
-                        kv: torch.Tensor, step: int) -> None:
-        """KV rule: a token halted at `step` shows its step-`step` k/v [h, 2, Hkv, hd] at
-        every later step (0-based planes step..N-1), written in one indexed copy."""
-        later = self.config.max_loops - step
-        if later <= 0:
-            return
-        planes = torch.arange(step, self.config.max_loops, device=kv.device)
-        cache[blocks.repeat(later), planes.repeat_interleave(blocks.numel()), :,
-              offsets.repeat(later)] = kv.repeat(later, 1, 1, 1)
+    def _run_layer(self, index: int, block: LoopBlock, h: torch.Tensor, tokens: StepTokens,
+                   num_steps: int, counts: torch.Tensor) -> LayerState:
+        cache, bank = self.kv_caches[index], self.model.global_bank
+        layer = LayerState.start(h)
+        total = h.shape[0]
+        for step in range(1, num_steps + 1):
+            counts[step - 1] = layer.active.sum()
+            if self.policy.form(index, step, total) == COMPACTED:
+                if compacted_step(block, bank, cache, tokens, layer, step) == 0:
+                    fill_later_planes(cache, tokens, layer, step, self.config.max_loops)
+                    return layer
+            else:
+                masked_step(block, bank, cache, tokens, layer, step)
+        fill_later_planes(cache, tokens, layer, num_steps, self.config.max_loops)
+        return layer

@@ -1,0 +1,140 @@
+"""The two exact forms of one (layer, loop step), over a layer's full-row state.
+
+`LayerState` holds every token of the engine step, halted or not: its hidden state, ACT
+mixture, remaining mass R, whether it still loops, its depth, gate sums and the k/v of its
+last computed step. A (layer, step) runs in one of two forms (DESIGN section 4):
+
+- **masked** (fixed shape): every row goes through the step; halted rows keep their state
+  and mixture by `torch.where`, plane t receives `where(active, kv_t, kv_last)` (the KV
+  rule without copies). No data-dependent shape and no host sync: capturable as a graph.
+- **compacted**: the active rows are gathered into a smaller batch (fewer FLOPs; the
+  active count is data-dependent, so `nonzero` costs a host sync on a GPU) and scattered
+  back; plane t receives the same `kv_last` with the active rows replaced.
+
+Both write plane t for every row, so the forms mix freely from one step to the next, and
+both equal `LoopLM.reference_forward`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from engine.paged_attention import AttentionPlan
+from model.block import LoopBlock
+from model.memory import MemoryBank
+
+
+@dataclasses.dataclass
+class StepTokens:
+    """Per-token inputs of one engine step that every layer shares."""
+
+    cos: torch.Tensor  # [T, 1, hd/2] fp32
+    sin: torch.Tensor  # [T, 1, hd/2] fp32
+    eps: torch.Tensor  # [T] fp32 halting threshold of each token's request
+    loops: torch.Tensor  # [T] long max loops of each token's request
+    blocks: torch.Tensor  # [T] long KV block each token's k/v is written to
+    offsets: torch.Tensor  # [T] long offset in that block
+    plan: AttentionPlan
+
+
+@dataclasses.dataclass
+class LayerState:
+    """Every token of the step inside one layer, updated in place step by step."""
+
+    state: torch.Tensor  # [T, D] h_{t-1} (model dtype)
+    mixture: torch.Tensor  # [T, D] fp32: sum of p_t h_t (+ R h_d at the halt)
+    remaining: torch.Tensor  # [T] fp32: R
+    active: torch.Tensor  # [T] bool: still loops
+    depth: torch.Tensor  # [T] long: steps computed
+    gate_sum: torch.Tensor  # [T, 2] fp32
+    kv_last: torch.Tensor | None  # [T, 2, Hkv, hd] k/v of the last computed step
+
+    @classmethod
+    def start(cls, h: torch.Tensor) -> LayerState:
+        total, width = h.shape
+        f32 = dict(dtype=torch.float32, device=h.device)
+        return cls(state=h, mixture=torch.zeros(total, width, **f32),
+                   remaining=torch.ones(total, **f32),
+                   active=torch.ones(total, dtype=torch.bool, device=h.device),
+                   depth=torch.zeros(total, dtype=torch.long, device=h.device),
+                   gate_sum=torch.zeros(total, 2, **f32), kv_last=None)
+
+
+def _write_plane(cache: torch.Tensor, tokens: StepTokens, plane: int, kv: torch.Tensor) -> None:
+    """k/v [T, 2, Hkv, hd] of every row into 0-based `plane` of one layer's pool."""
+    cache[tokens.blocks, plane, :, tokens.offsets] = kv
+
+
+def _halting(block: LoopBlock, h: torch.Tensor, remaining: torch.Tensor, eps: torch.Tensor,
+             loops: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ACT update of rows h [A, D] with their R [A]: (weight of h_t, new R, halted) [A].
+    A halting row's leftover mass R goes to its last state."""
+    p = block.halt_probability(h, step) * remaining
+    left = remaining - p
+    halted = (left < eps) | (loops <= step)
+    return torch.where(halted, p + left, p), left, halted
+
+
+def masked_step(block: LoopBlock, bank: MemoryBank | None, cache: torch.Tensor,
+                tokens: StepTokens, layer: LayerState, step: int) -> None:
+    """Every row through (layer, step); halted rows keep what they have."""
+    active = layer.active
+    x, gates = block.read_memory(layer.state, bank)
+    q, k, v = block.project_qkv(x, tokens.cos, tokens.sin)
+    kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, hd]
+    if layer.kv_last is not None:
+        kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
+    _write_plane(cache, tokens, step - 1, kv)
+    h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q), step)
+    weight, left, halted = _halting(block, h, layer.remaining, tokens.eps, tokens.loops, step)
+    weight = weight * active  # halted rows add nothing
+    layer.mixture.addcmul_(weight.unsqueeze(-1), h.float())
+    layer.gate_sum.addcmul_(gates, active.unsqueeze(-1).float())
+    layer.depth += active
+    layer.state = torch.where(active.unsqueeze(-1), h, layer.state)
+    layer.remaining = torch.where(active, left, layer.remaining)
+    layer.active = active & ~halted
+    layer.kv_last = kv
+
+
+def compacted_step(block: LoopBlock, bank: MemoryBank | None, cache: torch.Tensor,
+                   tokens: StepTokens, layer: LayerState, step: int) -> int:
+    """Only the active rows through (layer, step); returns how many there were (a sync)."""
+    rows = layer.active.nonzero().squeeze(1)  # [A] sorted: the data-dependent shape
+    count = rows.numel()
+    if count == 0:
+        _write_plane(cache, tokens, step - 1, layer.kv_last)
+        return 0
+    x, gates = block.read_memory(layer.state.index_select(0, rows), bank)
+    q, k, v = block.project_qkv(x, tokens.cos.index_select(0, rows),
+                                tokens.sin.index_select(0, rows))
+    kv_rows = torch.stack((k, v), dim=1)  # [A, 2, Hkv, hd]
+    kv = kv_rows if layer.kv_last is None else layer.kv_last.index_copy(0, rows, kv_rows)
+    _write_plane(cache, tokens, step - 1, kv)
+    h = block.finish_step(x, tokens.plan.attend(cache, step - 1, rows, q), step)
+    weight, left, halted = _halting(block, h, layer.remaining.index_select(0, rows),
+                                    tokens.eps.index_select(0, rows),
+                                    tokens.loops.index_select(0, rows), step)
+    layer.mixture.index_add_(0, rows, weight.unsqueeze(-1) * h.float())
+    layer.gate_sum.index_add_(0, rows, gates)
+    layer.depth.index_add_(0, rows, torch.ones_like(rows))
+    layer.state = layer.state.index_copy(0, rows, h)
+    layer.remaining = layer.remaining.index_copy(0, rows, left)
+    layer.active = layer.active.index_copy(0, rows, ~halted)
+    layer.kv_last = kv
+    return count
+
+
+def fill_later_planes(cache: torch.Tensor, tokens: StepTokens, layer: LayerState,
+                      first_plane: int, num_planes: int) -> None:
+    """KV rule for planes the loop did not reach (0-based first_plane..num_planes-1): every
+    row shows its last computed k/v there, written in one indexed copy."""
+    later = num_planes - first_plane
+    if later <= 0 or layer.kv_last is None:
+        return
+    total = tokens.blocks.numel()
+    planes = torch.arange(first_plane, num_planes, device=tokens.blocks.device)
+    cache[tokens.blocks.repeat(later), planes.repeat_interleave(total, output_size=later * total),
+          :, tokens.offsets.repeat(later)] = layer.kv_last.repeat(later, 1, 1, 1)

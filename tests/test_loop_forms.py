@@ -1,0 +1,123 @@
+"""Both forms of a (layer, loop step), and every mix of them, equal the reference forward:
+greedy tokens identical and logits within 1e-4 (fp32 CPU), for mixed batches with
+per-request thresholds and max_loops, chunked prefill, preemption and prefix-cache hits.
+Also the cost model's choices and the host syncs of a masked decode step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.form_policy import COMPACTED, MASKED, CostModel, FormPolicy
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from tests.helpers import (
+    GREEDY,
+    LogitRecorder,
+    check_against_reference,
+    make_model,
+    mixed_params,
+    random_prompts,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=3)
+
+
+def seeded_mix(seed: int):
+    """A policy that picks a form at random for every (layer, step) call."""
+    rng = random.Random(seed)
+    return lambda layer, step, total: rng.choice((MASKED, COMPACTED))
+
+
+FORMS = {
+    "masked": lambda layer, step, total: MASKED,
+    "compacted": lambda layer, step, total: COMPACTED,
+    "alternating": lambda layer, step, total: (MASKED, COMPACTED)[(layer + step) % 2],
+    "random": seeded_mix(7),
+}
+
+
+def engine_with(model, form: str, **options) -> LLM:
+    llm = LLM(model, block_size=4, loop_form="masked", **options)
+    llm.engine.runner.policy.form = FORMS[form]
+    return llm
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_mixed_batch_in_every_form(model, form):
+    llm = engine_with(model, form, num_kv_blocks=128)
+    recorder = LogitRecorder(llm)
+    check_against_reference(model, llm, random_prompts(8, seed=1), mixed_params(8), recorder)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_chunked_prefill_and_preemption_in_every_form(model, form):
+    llm = engine_with(model, form, num_kv_blocks=16, max_num_batched_tokens=7)
+    recorder = LogitRecorder(llm)
+    prompts = random_prompts(6, seed=2, low=8, high=24)
+    check_against_reference(model, llm, prompts, mixed_params(6, max_tokens=8), recorder)
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("form", ["masked", "random"])
+def test_prefix_hits_in_every_form(model, form):
+    llm = engine_with(model, form, num_kv_blocks=128)
+    shared = random_prompts(1, seed=4, low=21, high=22)[0]
+    params = [SamplingParams(max_tokens=5, halt_threshold=0.2, **GREEDY)] * 4
+    check_against_reference(model, llm, [shared + [1]], params[:1])
+    check_against_reference(model, llm, [shared + [i, 2] for i in range(3)], params[1:])
+    assert llm.engine.block_manager.prefix_hits > 0
+
+
+def test_max_depth_in_the_masked_form(model):
+    llm = engine_with(model, "masked", num_kv_blocks=64, mode="max_depth")
+    check_against_reference(model, llm, random_prompts(3, seed=5),
+                            [SamplingParams(max_tokens=4, **GREEDY)] * 3)
+
+
+def test_the_cost_model_compacts_only_when_it_pays():
+    # a row costs 1 ms and a compaction 3 ms: compaction pays once it saves 3+ rows
+    costs = CostModel(rows=[1, 64], seconds=[0.001, 0.064], compaction_seconds=0.003)
+    policy = FormPolicy(num_layers=1, max_loops=3, cost_model=costs)
+    assert policy.form(0, 1, 64) == MASKED  # every token runs the first step
+    assert policy.form(0, 2, 64) == MASKED  # nothing halted yet, as far as it knows
+    policy.observe([[64, 16, 16]], total=64)
+    policy.survival = [[1.0, 0.25, 0.25]]
+    assert policy.form(0, 2, 64) == COMPACTED  # 48 rows saved
+    assert policy.form(0, 2, 2) == MASKED  # 1.5 rows saved: less than a compaction
+    # a GPU-like model: a step costs the same at any row count, the sync does not pay
+    flat = CostModel(rows=[1, 256], seconds=[0.0001, 0.0001], compaction_seconds=0.00005)
+    gpu = FormPolicy(num_layers=1, max_loops=3, cost_model=flat)
+    gpu.survival = [[1.0, 0.1, 0.1]]
+    assert gpu.form(0, 2, 256) == MASKED
+
+
+def test_survival_is_learned_from_the_steps_seen(model):
+    llm = LLM(model, num_kv_blocks=64, block_size=4)
+    llm.generate(random_prompts(4, seed=6), SamplingParams(max_tokens=6, halt_threshold=0.3,
+                                                           **GREEDY))
+    survival = llm.engine.runner.policy.survival
+    assert all(row[0] == 1.0 for row in survival)
+    assert any(rate < 1.0 for row in survival for rate in row[1:])
+
+
+def test_a_masked_decode_step_does_not_sync_inside_the_loop(model):
+    """The masked form has no data-dependent shape: the step's syncs are its input build
+    and the one copy of its results, however many (layer, step) calls it makes."""
+    llm = engine_with(model, "masked", num_kv_blocks=128)
+    engine = llm.engine
+    for prompt in random_prompts(6, seed=8):
+        engine.add_request(engine.prepare(prompt, SamplingParams(max_tokens=20, **GREEDY)))
+    engine.step()  # the prefill
+    from benchmarks.op_counts import OpCounter
+
+    runner = engine.runner
+    with OpCounter() as counter:
+        runner.run(engine._pack(engine.scheduler.schedule())[0])
+    calls = model.config.n_layers * model.config.max_loops
+    assert counter.syncs <= 2, counter.by_op
+    assert counter.kernels / calls <= 40, counter.kernels / calls
