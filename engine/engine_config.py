@@ -20,7 +20,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_memory_mb
-    kv_cache_memory_mb: float = 256.0
+    kv_cache_memory_mb: float | None = None  # None: 256 on CPU, gpu_memory_utilization on CUDA
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights + KV pool
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None: the model's max_position
@@ -38,8 +39,11 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.kv_cache_memory_mb <= 0:
+        if self.kv_cache_memory_mb is not None and self.kv_cache_memory_mb <= 0:
             raise ConfigError(f"kv_cache_memory_mb must be > 0, got {self.kv_cache_memory_mb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
         if self.loop_form not in LOOP_FORMS:
             raise ConfigError(f"loop_form must be one of {list(LOOP_FORMS)}, got "
                               f"{self.loop_form!r}")

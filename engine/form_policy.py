@@ -32,22 +32,28 @@ FORMS = ("auto", MASKED, COMPACTED)
 CALIBRATION_ROWS = (1, 4, 16, 64, 256)
 
 
+def _interpolate(rows: list[int], secs: list[float], num_rows: float) -> float:
+    """Piecewise-linear (linear extrapolation past the largest size)."""
+    i = min(max(bisect.bisect_left(rows, num_rows), 1), len(rows) - 1)
+    lo, hi = rows[i - 1], rows[i]
+    slope = (secs[i] - secs[i - 1]) / (hi - lo)
+    return max(0.0, secs[i - 1] + slope * (num_rows - lo))
+
+
 @dataclasses.dataclass
 class CostModel:
     rows: list[int]  # calibrated row counts, ascending
     seconds: list[float]  # time of one dense (layer, step) at each
-    compaction_seconds: float  # the compacted form's extra ops and its sync
+    compaction_seconds: list[float]  # the compacted form's extra ops and sync, at each
 
     def cost(self, num_rows: float) -> float:
-        """Piecewise-linear interpolation (linear extrapolation past the largest size)."""
-        rows, secs = self.rows, self.seconds
-        i = min(max(bisect.bisect_left(rows, num_rows), 1), len(rows) - 1)
-        lo, hi = rows[i - 1], rows[i]
-        slope = (secs[i] - secs[i - 1]) / (hi - lo)
-        return max(0.0, secs[i - 1] + slope * (num_rows - lo))
+        return _interpolate(self.rows, self.seconds, num_rows)
+
+    def compaction(self, num_rows: float) -> float:
+        return _interpolate(self.rows, self.compaction_seconds, num_rows)
 
     def compacted_pays(self, total: int, predicted_active: float) -> bool:
-        return self.cost(predicted_active) + self.compaction_seconds < self.cost(total)
+        return self.cost(predicted_active) + self.compaction(total) < self.cost(total)
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
@@ -67,7 +73,7 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> 
 @torch.inference_mode()
 def calibrate(model: LoopLM, max_rows: int) -> CostModel:
     """Time the first layer's dense step at a few sizes up to `max_rows`, and the extra ops
-    of a compaction (a `nonzero`, its sync, gathers and scatters) at the largest."""
+    of a compaction (a `nonzero`, its sync, gathers and scatters) at the same sizes."""
     block, device, cfg = model.layers[0], model.device, model.config
     sizes = sorted({min(r, max_rows) for r in CALIBRATION_ROWS} | {max_rows})
     if len(sizes) == 1:
@@ -84,7 +90,7 @@ def calibrate(model: LoopLM, max_rows: int) -> CostModel:
             return block.halt_probability(block.finish_step(x, attn, 1), 1)
 
         seconds.append(_timed(dense, device))
-    return CostModel(sizes, seconds, _compaction_time(model, sizes[-1]))
+    return CostModel(sizes, seconds, [_compaction_time(model, rows) for rows in sizes])
 
 
 def _compaction_time(model: LoopLM, rows: int) -> float:

@@ -19,10 +19,19 @@ from engine.compute_stats import ComputeTracker
 from engine.engine_config import EngineConfig
 from engine.errors import ConfigError, InvalidRequestError
 from engine.input_processor import InputProcessor, PreparedRequest
-from engine.output_processor import append_token, completion_delta, finish_aborted, request_output
+from engine.kv_sizing import num_kv_blocks
+from engine.output_processor import (
+    append_token,
+    completion_delta,
+    finish_aborted,
+    finish_scored,
+    request_output,
+)
+from engine.prompt_logprobs import ChunkRows, record_prompt_logprobs
 from engine.request import Request, RequestOutput
 from engine.runner import ModelRunner, StepInput, StepOutput
 from engine.sampler import Sampler
+from engine.sampling_batch import take_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from model.flops import FlopTable
@@ -98,10 +107,8 @@ class LLMEngine:
         return cls(model, tokenizer, config, **kwargs)
 
     def _num_blocks(self) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_token(self.model) * self.config.block_size
-        return max(1, int(self.config.kv_cache_memory_mb * 2**20 // per_block))
+        return num_kv_blocks(self.config, self.model.device, per_block)
 
     # ------------------------------------------------------------------ requests
     def new_request_id(self) -> str:
@@ -183,10 +190,11 @@ class LLMEngine:
             request = chunk.request
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
+            offset = len(token_ids)
             token_ids += request.token_ids[chunk.start:chunk.start + chunk.num_tokens]
             positions += range(chunk.start, chunk.start + chunk.num_tokens)
-            if chunk.samples:
-                sample_rows.append(len(token_ids) - 1)
+            # the last token's row if it samples, and any prompt rows it scores
+            sample_rows += [offset + i for i in ChunkRows.of(chunk).offsets(chunk)]
         tables = self.block_manager.tables
         step_input = StepInput(
             token_ids=token_ids, positions=positions,
@@ -199,38 +207,63 @@ class LLMEngine:
 
     def _postprocess(self, schedule: SchedulerOutput, chunks: list[ScheduledChunk],
                      step_input: StepInput, result: StepOutput) -> list[RequestOutput]:
+        layout = [ChunkRows.of(c) for c in chunks]  # the logits rows, as `_pack` asked
         self.scheduler.advance(schedule)
         self._account_compute(chunks, step_input, result)
-        rows, sampling, forks = self._sampling_rows(chunks)
-        sampled = self.sampler(result.logits[rows], sampling) if sampling else None
+        self._record_prompt_logprobs(chunks, layout, result.logits)
+        rows, sampling, forks, scored_only = self._sampling_rows(chunks, layout)
+        sampled = self.sampler(take_rows(result.logits, rows), sampling) if sampling else None
         touched: dict[str, None] = {}
         for row, request in enumerate(sampling):
             append_token(request, sampled.token_ids[row], sampled.logprobs[row])
             request.compute.add_logits(self.flop_table.head)
             touched[request.parent_id] = None
+        for request in scored_only:
+            finish_scored(request)
+            touched[request.parent_id] = None
         for leader, choices in forks:
             self.scheduler.fork(leader, choices)
-        for request in sampling:
+        for request in (*sampling, *scored_only):
             if request.finish_reason is not None:
                 self.scheduler.finish(request)
         self._report(schedule, step_input, result, len(sampling))
         return [out for parent in touched if (out := self._output_for(parent)) is not None]
 
-    def _sampling_rows(self, chunks: list[ScheduledChunk]
-                       ) -> tuple[list[int], list[Request], list[tuple[Request, list[Request]]]]:
+    def _record_prompt_logprobs(self, chunks: list[ScheduledChunk], layout: list[ChunkRows],
+                                logits: torch.Tensor) -> None:
+        """Prompt logprob entries of this step's scored rows; the LM head ran for each."""
+        record_prompt_logprobs(chunks, layout, logits)
+        for chunk, chunk_rows in zip(chunks, layout, strict=True):
+            for _ in chunk_rows.scored:
+                chunk.request.compute.add_logits(self.flop_table.head)
+
+    def _sampling_rows(self, chunks: list[ScheduledChunk], layout: list[ChunkRows]
+                       ) -> tuple[list[int], list[Request], list[tuple[Request, list[Request]]],
+                                  list[Request]]:
         """Logit row and request of every token to sample. A leader whose prompt is done
-        lends its row to the choices forked from it: they share the prompt's computation."""
+        lends its row to the choices forked from it: they share the prompt's computation.
+        Last, the requests (and choices) that asked only to score their prompt
+        (max_tokens 0): they finish without a row."""
         rows: list[int] = []
         sampling: list[Request] = []
         forks: list[tuple[Request, list[Request]]] = []
-        for row, chunk in enumerate(c for c in chunks if c.samples):
+        scored_only: list[Request] = []
+        row = 0
+        for chunk, chunk_rows in zip(chunks, layout, strict=True):
+            row += len(chunk_rows.scored)
+            if not chunk.samples:
+                continue
             choices = self.scheduler.take_forks(chunk.request)
-            for request in (chunk.request, *choices):
-                rows.append(row)
-                sampling.append(request)
+            group = (chunk.request, *choices)
+            if chunk_rows.samples:
+                rows += [row] * len(group)
+                sampling += group
+                row += 1
+            else:
+                scored_only += group
             if choices:
                 forks.append((chunk.request, choices))
-        return rows, sampling, forks
+        return rows, sampling, forks, scored_only
 
     def _output_for(self, parent_id: str) -> RequestOutput | None:
         children = self.requests.get(parent_id)
@@ -240,7 +273,9 @@ class LLMEngine:
         output = request_output(parent_id, children, deltas)
         if output.finished:
             del self.requests[parent_id]
-        return output if deltas or output.finished else None
+        if deltas or output.finished or output.prompt_logprobs is not None:
+            return output
+        return None
 
     # ------------------------------------------------------------------ accounting
     def _account_compute(self, chunks: list[ScheduledChunk], step_input: StepInput,

@@ -85,7 +85,12 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--block-size", "token positions per KV block", 16, int)
     _add(p, "--num-kv-blocks", "KV blocks in the pool (default: from --kv-cache-memory-mb)",
          None, int)
-    _add(p, "--kv-cache-memory-mb", "memory of the KV pool", 256.0, float)
+    _add(p, "--kv-cache-memory-mb", "memory of the KV pool (default: 256 on CPU; on CUDA "
+         "from --gpu-memory-utilization)", None, float)
+    _add(p, "--gpu-memory-utilization", "share of the GPU's memory for weights and KV pool",
+         0.9, float)
+    _add(p, "--loop-form", "form of each (layer, loop step): auto (measured cost model), "
+         "masked (fixed shape, no host sync) or compacted", "auto")
     _add(p, "--max-num-seqs", "most requests in the running batch", 64, int)
     _add(p, "--max-num-batched-tokens", "token budget of one engine step", 1024, int)
     _add(p, "--max-model-len", "context length (default: the model's max_position)", None, int)
@@ -119,6 +124,7 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, EngineConfi
     config = EngineConfig(
         device=args.device, dtype=args.dtype, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
+        gpu_memory_utilization=args.gpu_memory_utilization, loop_form=args.loop_form,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching, mode=args.mode, seed=args.seed,

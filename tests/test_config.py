@@ -50,8 +50,12 @@ def test_preset_parameter_count_matches_analytic(name):
     assert sum(p.numel() for p in model.parameters()) == parameter_count(config)
 
 
-def test_paper_preset_sizes():
-    assert 200e6 < parameter_count(PRESETS["paper-loop3-mem"]) < 220e6
+def test_paper_preset_has_the_papers_shapes():
+    paper = PRESETS["paper-loop3-mem"]
+    assert (paper.n_layers, paper.d_model, paper.n_heads, paper.n_kv_heads, paper.head_dim,
+            paper.ffn_hidden, paper.max_loops) == (12, 768, 12, 12, 64, 2048, 3)
+    assert (paper.local_memory_slots, paper.global_memory_slots) == (1024, 512)
+    assert parameter_count(paper) == 196_104_276  # untied embeddings: 77.3M of it
     baseline = PRESETS["paper-iso-flop-baseline"]
     assert baseline.n_layers == 3 * PRESETS["paper-loop3-mem"].n_layers
     assert baseline.max_loops == 1 and not baseline.has_memory

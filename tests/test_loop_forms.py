@@ -81,7 +81,7 @@ def test_max_depth_in_the_masked_form(model):
 
 def test_the_cost_model_compacts_only_when_it_pays():
     # a row costs 1 ms and a compaction 3 ms: compaction pays once it saves 3+ rows
-    costs = CostModel(rows=[1, 64], seconds=[0.001, 0.064], compaction_seconds=0.003)
+    costs = CostModel(rows=[1, 64], seconds=[0.001, 0.064], compaction_seconds=[0.003, 0.003])
     policy = FormPolicy(num_layers=1, max_loops=3, cost_model=costs)
     assert policy.form(0, 1, 64) == MASKED  # every token runs the first step
     assert policy.form(0, 2, 64) == MASKED  # nothing halted yet, as far as it knows
@@ -90,7 +90,8 @@ def test_the_cost_model_compacts_only_when_it_pays():
     assert policy.form(0, 2, 64) == COMPACTED  # 48 rows saved
     assert policy.form(0, 2, 2) == MASKED  # 1.5 rows saved: less than a compaction
     # a GPU-like model: a step costs the same at any row count, the sync does not pay
-    flat = CostModel(rows=[1, 256], seconds=[0.0001, 0.0001], compaction_seconds=0.00005)
+    flat = CostModel(rows=[1, 256], seconds=[0.0001, 0.0001],
+                     compaction_seconds=[0.00005, 0.00005])
     gpu = FormPolicy(num_layers=1, max_loops=3, cost_model=flat)
     gpu.survival = [[1.0, 0.1, 0.1]]
     assert gpu.form(0, 2, 256) == MASKED
@@ -121,3 +122,14 @@ def test_a_masked_decode_step_does_not_sync_inside_the_loop(model):
     calls = model.config.n_layers * model.config.max_loops
     assert counter.syncs <= 2, counter.by_op
     assert counter.kernels / calls <= 40, counter.kernels / calls
+
+
+def test_the_kv_pool_from_device_memory_names_the_flag_when_it_cannot_fit():
+    from engine.errors import ConfigError
+    from engine.kv_sizing import blocks_from_device_memory
+
+    gib = 2**30
+    # 0.9 of 100 GiB, less 5 GiB headroom and 20 GiB of weights: 65 GiB of 1 GiB blocks
+    assert blocks_from_device_memory(100 * gib, 20 * gib, 0.9, gib) == 65
+    with pytest.raises(ConfigError, match="raise --gpu-memory-utilization"):
+        blocks_from_device_memory(100 * gib, 90 * gib, 0.9, gib)
