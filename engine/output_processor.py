@@ -3,6 +3,9 @@ the per-request output deltas.
 
 Stop strings are cut, not emitted; while a request runs, text that could still become the
 start of a stop string is held back so that a streamed delta never has to be taken back.
+As in vLLM, stop strings are looked for only once more than min_tokens tokens are generated
+(the sampler masks eos and stop_token_ids until then). Prompt logprobs go out once, with
+the request's first output after its prompt is scored.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _append_text(request: Request, piece: str) -> None:
     stops = request.params.stop
     before = len(request.text)
     request.text += piece
-    if not stops:
+    if not stops or request.num_output_tokens <= request.params.min_tokens:
         return
     window = max(len(s) for s in stops) - 1
     search_from = max(0, before - window)
@@ -60,6 +63,20 @@ def _finish(request: Request, reason: str, stop_reason: str | int | None) -> Non
 
 def finish_aborted(request: Request) -> None:
     request.finish_reason = "abort"
+
+
+def finish_scored(request: Request) -> None:
+    """A max_tokens=0 request is done once its prompt is scored: "length", no token."""
+    _finish(request, "length", None)
+
+
+def take_prompt_logprobs(request: Request) -> list[TokenLogprob | None] | None:
+    """The leader's prompt logprobs the first time they are complete, else None."""
+    if (request.prompt_logprobs is None or request.prompt_logprobs_emitted
+            or request.num_prompt_logprobs_missing):
+        return None
+    request.prompt_logprobs_emitted = True
+    return request.prompt_logprobs
 
 
 def completion_delta(request: Request) -> CompletionOutput | None:
@@ -90,7 +107,8 @@ def request_output(parent_id: str, children: list[Request], deltas: list[Complet
     first = children[0]
     output = RequestOutput(request_id=parent_id, prompt_token_ids=first.prompt_token_ids,
                            outputs=deltas, finished=finished,
-                           num_cached_tokens=first.num_cached_tokens)
+                           num_cached_tokens=first.num_cached_tokens,
+                           prompt_logprobs=take_prompt_logprobs(first))
     if finished:
         total = ComputeTracker(first.compute.cfg, first.compute.max_loops)
         for child in children:

@@ -1,7 +1,8 @@
 """`Request`: all state of one sequence being generated, and the outputs handed to users.
 
 A request with n > 1 choices is n `Request`s sharing a `parent_id`; the engine merges their
-outputs into one `RequestOutput`.
+outputs into one `RequestOutput`. Only the first choice (the leader, which computes the
+prompt) collects prompt logprobs; the choices share them in the output.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-    generator: torch.Generator | None = None
+    # entry j: prompt token j given tokens < j (entry 0 is None); set when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_emitted: bool = False
+    generator: torch.Generator | None = None  # of a seeded request, on the logits' device
     detokenizer: StreamDecoder | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
@@ -71,8 +75,18 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         extend_hashes(self.block_hashes, self.token_ids, self.block_size, self.extra_keys)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
+
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The seeded request's own generator, created on `device` at its first draw (None
+        if unseeded). Choice i draws from seed + i, so the n choices differ."""
+        if self.params.seed is None:
+            return None
+        if self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(
+                self.params.seed + self.index)
+        return self.generator
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
@@ -98,6 +112,13 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def num_prompt_logprobs_missing(self) -> int:
+        """Prompt logprob entries still to compute (0 when none were asked for)."""
+        if self.prompt_logprobs is None:
+            return 0
+        return self.prompt_len - len(self.prompt_logprobs)
 
     @property
     def extra_keys(self) -> tuple:
@@ -129,6 +150,8 @@ class RequestOutput:
     compute: dict | None = None  # DESIGN section 6, set when finished
     num_cached_tokens: int = 0
     metrics: dict | None = None  # arrival, first token, finish times (seconds, monotonic)
+    # one entry per prompt token, entry 0 None (as vLLM); in the first delta only
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     # the first choice's fields, for the common n = 1 case
     @property
