@@ -8,7 +8,7 @@ from pathlib import Path
 from engine.engine_config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
-from engine.request import CompletionOutput, RequestOutput
+from engine.request import CompletionOutput, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from model.looplm import LoopLM
 from model.tokenizer import Tokenizer, load_tokenizer
@@ -49,16 +49,19 @@ class LLM:
         ids = [self.engine.add_request(request) for request in prepared]
         finals: dict[str, RequestOutput] = {}
         accumulated: dict[str, dict[int, CompletionOutput]] = {i: {} for i in ids}
+        prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}  # in the first delta
         while self.engine.has_unfinished():
             for delta in self.engine.step():
                 _accumulate(accumulated[delta.request_id], delta)
+                if delta.prompt_logprobs is not None:
+                    prompt_logprobs[delta.request_id] = delta.prompt_logprobs
                 if delta.finished:
                     finals[delta.request_id] = delta
                     if use_tqdm:
                         print(f"\rfinished {len(finals)}/{len(ids)}", end="", file=sys.stderr)
         if use_tqdm:
             print(file=sys.stderr)
-        return [_merged(finals[i], accumulated[i]) for i in ids]
+        return [_merged(finals[i], accumulated[i], prompt_logprobs.get(i)) for i in ids]
 
 
 def _as_prompt_list(prompts) -> list[str | list[int]]:
@@ -92,10 +95,12 @@ def _accumulate(choices: dict[int, CompletionOutput], delta: RequestOutput) -> N
             choice.logprobs += piece.logprobs
 
 
-def _merged(final: RequestOutput, choices: dict[int, CompletionOutput]) -> RequestOutput:
+def _merged(final: RequestOutput, choices: dict[int, CompletionOutput],
+            prompt_logprobs: list[TokenLogprob | None] | None) -> RequestOutput:
     outputs = [choices[i] for i in sorted(choices)]
     for choice in outputs:
         if not choice.logprobs:
             choice.logprobs = None
     final.outputs = outputs
+    final.prompt_logprobs = prompt_logprobs
     return final
