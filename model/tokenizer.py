@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
     eos_token_id: int
     pad_token_id: int
 
+    @property
+    def role_markers(self) -> dict[str, str]: ...
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
     def decode(self, ids: list[int], skip_special: bool = True) -> str: ...
     def token_text(self, token_id: int) -> str: ...
@@ -53,6 +55,11 @@ class ByteTokenizer:
             bos_token_id, eos_token_id, pad_token_id)
         self.role_ids = {role: BYTE_SPECIALS[f"<|{role}|>"] for role in ROLES}
         self._special_names = {v: k for k, v in BYTE_SPECIALS.items()}
+
+    @property
+    def role_markers(self) -> dict[str, str]:
+        """Each role's marker token as text."""
+        return {role: self.token_text(i) for role, i in self.role_ids.items()}
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         # lone surrogates (from JSON "\ud800") are not UTF-8: they become "?"
@@ -121,6 +128,11 @@ class HFTokenizer:
         markers = extra.get("role_markers", {r: f"<|{r}|>" for r in ROLES})
         self._role_markers = {role: markers.get(role, f"<|{role}|>") for role in ROLES}
         self._special = set(self._tok.get_added_tokens_decoder())
+
+    @property
+    def role_markers(self) -> dict[str, str]:
+        """Each role's marker text (from tokenizer_config.json's role_markers)."""
+        return dict(self._role_markers)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -230,12 +242,17 @@ def load_tokenizer(directory: str | Path | None, config: ModelConfig) -> Tokeniz
 # `apply_chat_template`, because the rendered role markers parse as their special tokens.
 # One difference remains: a text that spells a special token ("<eos>") is that token to
 # Hugging Face and bytes to loopserve.
-HF_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
-    "<|{{ role }}|>{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
-    "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+def hf_chat_template(role_markers: dict[str, str]) -> str:
+    """The chat template as Jinja over text, for clients that render it themselves."""
+    roles = "".join(f"{'{% if' if i == 0 else '{% elif'} role == '{r}' %}}{role_markers[r]}"
+                    for i, r in enumerate(ROLES)) + "{% endif %}"
+    return (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+        f"{roles}{{% if message['content'] is string %}}{{{{ message['content'] }}}}"
+        "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+        "{{ eos_token }}{% endfor %}"
+        f"{{% if add_generation_prompt %}}{role_markers['assistant']}{{% endif %}}")
 
 
 def _byte_chars() -> list[str]:
@@ -283,12 +300,13 @@ def hf_tokenizer_config(tok: ByteTokenizer, max_length: int) -> dict:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": name(tok.bos_token_id), "eos_token": name(tok.eos_token_id),
         "pad_token": name(tok.pad_token_id), "model_max_length": max_length,
-        "clean_up_tokenization_spaces": False, "chat_template": HF_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": hf_chat_template(tok.role_markers),
         # loopserve's description (`type` makes load_tokenizer serve the byte tokenizer)
         "type": "byte", "vocab_size": tok.vocab_size,
         "byte_ids": "0..255 are the UTF-8 bytes themselves",
         "special_tokens": {name(i): i for i in range(256, 262)},
-        "role_markers": {role: name(i) for role, i in tok.role_ids.items()},
+        "role_markers": tok.role_markers,
     }
 
 

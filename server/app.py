@@ -19,11 +19,13 @@ from engine.async_engine import AsyncEngine
 from engine.engine_config import EngineConfig
 from engine.errors import ConfigError
 from engine.llm_engine import LLMEngine
+from engine.sampling_params import MAX_N
 from model.weights import BUNDLED_MODEL_DIR, CONFIG_FILE
 from server import routes_chat, routes_completions, routes_misc
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from server.openapi import ModelLimits, install_openapi
 from server.routes_misc import server_version
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -84,4 +86,13 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     install_error_handlers(app)
     for module in (routes_completions, routes_chat, routes_misc):
         app.include_router(module.router)
+    install_openapi(app, _limits(state, settings))
     return app
+
+
+def _limits(state: ServerState, settings: ServerSettings) -> ModelLimits:
+    processor = state.processor
+    return ModelLimits(max_model_len=processor.max_model_len,
+                       vocab_size=processor.model_config.vocab_size,
+                       max_loops=processor.model_config.max_loops,
+                       max_n=min(MAX_N, processor.max_num_seqs), api_keys=bool(settings.api_keys))

@@ -2,7 +2,9 @@
 
 It owns their lifetime: admission (errors surface before any response is sent), the stream
 of deltas under the request's deadline, and the abort of whatever is unfinished when the
-client goes away or anything fails, so that no KV block outlives its request.
+client goes away or anything fails, so that no KV block outlives its request. Each prompt's
+`PromptTally` keeps what the engine reported for it (tokens, cached tokens, compute, prompt
+logprobs): the response's usage is counted from these.
 """
 
 from __future__ import annotations
@@ -47,6 +49,35 @@ class RequestContext:
         return loop.time() + self.timeout - (time.monotonic() - self.arrival)
 
 
+@dataclasses.dataclass
+class PromptTally:
+    """What the engine reported for one prompt of the request, kept from its deltas."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    choice_tokens: dict[int, int] = dataclasses.field(default_factory=dict)  # index -> count
+    compute: dict | None = None  # the engine's summary, when the prompt finished
+    prompt_logprobs: list | None = None  # list[TokenLogprob | None], entry 0 None
+
+    def add(self, delta: RequestOutput) -> None:
+        self.cached_tokens = delta.num_cached_tokens
+        for piece in delta.outputs:
+            self.choice_tokens[piece.index] = piece.num_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        if delta.finished:
+            self.compute = delta.compute
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.choice_tokens.values())
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens the engine ran for this prompt (its weight when computes are merged)."""
+        return self.prompt_tokens - self.cached_tokens + self.completion_tokens
+
+
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         return {400: "invalid_request", 404: "invalid_request", 429: "queue_full",
@@ -67,11 +98,11 @@ class Generation:
         self.request_ids = [r.request_id for r in requests]
         self.prompts = [list(r.prompt_token_ids) for r in requests]
         self.params = [r.params for r in requests]
+        self.tallies = [PromptTally(len(r.prompt_token_ids)) for r in requests]
         self.observers: list[RequestObserver] = [
             metrics.observer(ctx.http_id, ctx.arrival) for _ in requests]
         self._iterators = [engine.generate(r) for r in requests]
         self.finished = [False] * len(requests)
-        self.finals: list[RequestOutput | None] = [None] * len(requests)
         self._firsts: list[RequestOutput] = []
         self._deadline = ctx.loop_deadline()
         self._failure: str | None = None
@@ -97,10 +128,10 @@ class Generation:
             self._failure = failure_reason(error)
             raise error from None
         self.observers[i].on_delta(delta)
+        self.tallies[i].add(delta)
         if delta.finished:
             self._check_not_aborted(delta)
             self.finished[i] = True
-            self.finals[i] = delta
         return delta
 
     def _check_not_aborted(self, delta: RequestOutput) -> None:

@@ -7,13 +7,17 @@ Two sources feed them:
 - the event loop, from each request's deltas (`RequestObserver`): tokens, latencies, and the
   request's compute from its final delta; histograms carry the X-Request-Id as exemplar
   (shown when the scraper asks for OpenMetrics).
-Gauges of the queue and the KV pool are read live at scrape time. Each app owns its registry.
+Gauges of the queue and the KV pool are read live at scrape time, also under vLLM's names
+(`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc` and
+the older `vllm:gpu_cache_usage_perc`, all 0..1 like vLLM's) for routers that read those.
+Each app owns its registry.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -41,6 +45,13 @@ RATIO_BUCKETS = tuple(i / 20 for i in range(21))
 FAILURE_REASONS = ("invalid_request", "queue_full", "timeout", "client_disconnect",
                    "engine_unavailable", "aborted", "internal_error")
 BANKS = ("local", "global")
+# the gauges routers read by vLLM's names (llm-d's / Gateway API Inference Extension's
+# endpoint picker: --total-queued-requests-metric, --total-running-requests-metric and
+# --kv-cache-usage-percentage-metric, whose default is one of the two KV names by version)
+VLLM_ALIASES = {"vllm:num_requests_waiting": "loopserve_num_requests_waiting",
+                "vllm:num_requests_running": "loopserve_num_requests_running",
+                "vllm:kv_cache_usage_perc": "loopserve_kv_cache_usage_ratio",
+                "vllm:gpu_cache_usage_perc": "loopserve_kv_cache_usage_ratio"}
 
 
 def one_two_five(limit: float, start: float = 1.0) -> tuple[float, ...]:
@@ -83,13 +94,18 @@ class ServerMetrics:
     def _make_gauges(self) -> None:
         r, m = self.registry, ["model_name"]
         engine = self.engine
-        self._labels(Gauge("loopserve_num_requests_running", "Requests in the running batch.",
-                           m, registry=r)).set_function(lambda: engine.num_running)
-        self._labels(Gauge("loopserve_num_requests_waiting", "Requests waiting to be scheduled.",
-                           m, registry=r)).set_function(lambda: engine.num_waiting)
-        self._labels(Gauge("loopserve_kv_cache_usage_ratio",
-                           "Fraction of KV blocks owned by requests (1 = full).", m, registry=r)
-                     ).set_function(engine.engine.block_manager.usage)
+        gauges: dict[str, tuple[str, Callable[[], float]]] = {
+            "loopserve_num_requests_running": ("Requests in the running batch.",
+                                               lambda: engine.num_running),
+            "loopserve_num_requests_waiting": ("Requests waiting to be scheduled.",
+                                               lambda: engine.num_waiting),
+            "loopserve_kv_cache_usage_ratio": ("Fraction of KV blocks owned by requests "
+                                               "(1 = full).", engine.engine.block_manager.usage),
+        }
+        for alias, name in VLLM_ALIASES.items():
+            gauges[alias] = (f"{name}, under vLLM's name (for routers).", gauges[name][1])
+        for name, (doc, read) in gauges.items():
+            self._labels(Gauge(name, doc, m, registry=r)).set_function(read)
         self.memory_gate = Gauge("loopserve_layer_memory_gate",
                                  "Mean memory-gate activation of the last step, per layer and "
                                  "bank.", m + ["layer", "bank"], registry=r)

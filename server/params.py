@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from engine.errors import InvalidRequestError
 from engine.input_processor import InputProcessor, PreparedRequest
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.sampling_params import SamplingParams
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -19,17 +19,12 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 def _reject_unsupported(body: SamplingRequest) -> None:
-    if body.logit_bias:
-        raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
     if isinstance(body, CompletionRequest):
         if body.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise InvalidRequestError("best_of is not supported (it must be absent or equal n)",
                                       param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs is not supported: the engine "
-                                      "computes no prompt logprobs", param="echo")
     if isinstance(body, ChatCompletionRequest):
         if body.tools:
             raise InvalidRequestError("tools are not supported", param="tools")
@@ -39,13 +34,20 @@ def _reject_unsupported(body: SamplingRequest) -> None:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs to be true",
                                       param="top_logprobs")
-        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-            raise InvalidRequestError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, "
-                                      f"got {body.top_logprobs}", param="top_logprobs")
 
 
 def _value(value, default):
     return default if value is None else value
+
+
+def prompt_logprobs_count(body: SamplingRequest) -> int | None:
+    """How many alternatives per prompt token the engine must compute: vLLM's
+    prompt_logprobs, and for an echo with logprobs the echoed prompt's top `logprobs`."""
+    counts = [body.prompt_logprobs]
+    if isinstance(body, CompletionRequest) and body.echo:
+        counts.append(body.logprobs)
+    given = [c for c in counts if c is not None]
+    return max(given) if given else None
 
 
 def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None
@@ -60,7 +62,10 @@ def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None
         repetition_penalty=_value(body.repetition_penalty, 1.0),
         stop=_value(body.stop, ()), stop_token_ids=tuple(body.stop_token_ids or ()),
         seed=body.seed, n=body.n, logprobs=logprobs, ignore_eos=body.ignore_eos,
-        halt_threshold=body.halt_threshold, max_loops=body.max_loops)
+        halt_threshold=body.halt_threshold, max_loops=body.max_loops,
+        prompt_logprobs=prompt_logprobs_count(body), min_tokens=_value(body.min_tokens, 0),
+        logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
+        priority=_value(body.priority, 0))
 
 
 def _max_tokens(requested: int | None, prompt_len: int, engine: InputProcessor, param: str
@@ -72,7 +77,8 @@ def _max_tokens(requested: int | None, prompt_len: int, engine: InputProcessor, 
     if left < 1:
         raise InvalidRequestError(
             f"this model's maximum context length is {engine.max_model_len} tokens and the "
-            f"prompt has {prompt_len}; no room is left to generate", param=param)
+            f"prompt has {prompt_len}; no room is left to generate", param=param,
+            code="context_length_exceeded")
     return left
 
 

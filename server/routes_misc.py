@@ -1,4 +1,5 @@
-"""The small routes: /v1/models, /tokenize, /detokenize, /health, /version, /metrics."""
+"""The small routes: /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, /version,
+/metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from fastapi.responses import JSONResponse, Response
 
 from engine.async_engine import HealthState
 from engine.errors import InvalidRequestError
+from model.tokenizer import ByteTokenizer, Tokenizer, hf_chat_template, hf_tokenizer_config
 from server.errors import error_body
+from server.openapi import error_responses
 from server.params import chat_messages, check_model
 from server.schemas import (
     DetokenizeRequest,
@@ -19,6 +22,7 @@ from server.schemas import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     VersionResponse,
 )
 from server.state import ServerState, server_state
@@ -80,7 +84,25 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return DetokenizeResponse(prompt=state.processor.tokenizer.decode(body.tokens))
 
 
-@router.get("/health", response_model=HealthResponse)
+def tokenizer_info(tokenizer: Tokenizer, max_model_len: int) -> dict:
+    """What vLLM's /tokenizer_info serves: the tokenizer_config.json of the served tokenizer
+    (for the byte tokenizer, the one the bundled model ships), with the chat template."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return hf_tokenizer_config(tokenizer, max_model_len)
+    name = tokenizer.token_text
+    return {"tokenizer_class": type(tokenizer).__name__,
+            "bos_token": name(tokenizer.bos_token_id), "eos_token": name(tokenizer.eos_token_id),
+            "pad_token": name(tokenizer.pad_token_id), "model_max_length": max_model_len,
+            "chat_template": hf_chat_template(tokenizer.role_markers)}
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+async def get_tokenizer_info(request: Request) -> JSONResponse:
+    processor = server_state(request).processor
+    return JSONResponse(tokenizer_info(processor.tokenizer, processor.max_model_len))
+
+
+@router.get("/health", response_model=HealthResponse, responses=error_responses(503))
 async def health(request: Request) -> Response:
     """200 only while the engine loop is alive, making progress and accepting requests."""
     status = server_state(request).engine.health()
