@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from engine.serving_block import ServingBlock
 from model.looplm import LoopLM
 
 MASKED, COMPACTED = "masked", "compacted"
@@ -74,18 +75,19 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> 
 def calibrate(model: LoopLM, max_rows: int) -> CostModel:
     """Time the first layer's dense step at a few sizes up to `max_rows`, and the extra ops
     of a compaction (a `nonzero`, its sync, gathers and scatters) at the same sizes."""
-    block, device, cfg = model.layers[0], model.device, model.config
+    block = ServingBlock(model.layers[0], model.global_bank)
+    device, cfg = model.device, model.config
     sizes = sorted({min(r, max_rows) for r in CALIBRATION_ROWS} | {max_rows})
     if len(sizes) == 1:
         sizes = [sizes[0], sizes[0] + 1]
     seconds = []
     for rows in sizes:
         h = torch.randn(rows, cfg.d_model, device=device).to(model.dtype)
-        cos = sin = torch.ones(rows, 1, cfg.head_dim // 2, device=device)
+        cos = sin = torch.ones(rows, 1, cfg.head_dim, device=device)
         attn = torch.zeros(rows, cfg.q_dim, device=device, dtype=model.dtype)
 
         def dense(h=h, cos=cos, sin=sin, attn=attn):
-            x, _ = block.read_memory(h, model.global_bank)
+            x, _ = block.read_memory(h)
             block.project_qkv(x, cos, sin)
             return block.halt_probability(block.finish_step(x, attn, 1), 1)
 

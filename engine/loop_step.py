@@ -12,7 +12,8 @@ last computed step. A (layer, step) runs in one of two forms (DESIGN section 4):
   back; plane t receives the same `kv_last` with the active rows replaced.
 
 Both write plane t for every row, so the forms mix freely from one step to the next, and
-both equal `LoopLM.reference_forward`.
+both equal `LoopLM.reference_forward`. A row's R is set to 0 when it halts (its leftover
+mass has gone to its last state), so later steps add nothing for it without a mask.
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ import dataclasses
 import torch
 
 from engine.paged_attention import AttentionPlan
-from model.block import LoopBlock
-from model.memory import MemoryBank
+from engine.serving_block import ServingBlock
 
 
 @dataclasses.dataclass
 class StepTokens:
     """Per-token inputs of one engine step that every layer shares."""
 
-    cos: torch.Tensor  # [T, 1, hd/2] fp32
-    sin: torch.Tensor  # [T, 1, hd/2] fp32
-    eps: torch.Tensor  # [T] fp32 halting threshold of each token's request
-    loops: torch.Tensor  # [T] long max loops of each token's request
+    cos: torch.Tensor  # [T, 1, hd] fp32 (see serving_block.rope_tables)
+    sin: torch.Tensor  # [T, 1, hd] fp32
+    halt_below: torch.Tensor  # [N, T] fp32: a token halts at step t once R_t < [t-1]: its
+    # request's threshold, or +inf from its request's max_loops on
     blocks: torch.Tensor  # [T] long KV block each token's k/v is written to
     offsets: torch.Tensor  # [T] long offset in that block
     plan: AttentionPlan
@@ -67,47 +67,56 @@ def _write_plane(cache: torch.Tensor, tokens: StepTokens, plane: int, kv: torch.
     cache[tokens.blocks, plane, :, tokens.offsets] = kv
 
 
-def _halting(block: LoopBlock, h: torch.Tensor, remaining: torch.Tensor, eps: torch.Tensor,
-             loops: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def halt_thresholds(eps: torch.Tensor, loops: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """[N, T]: the threshold R_t is held to at each step: eps [T] before a token's max
+    loops [T], +inf from there on (it halts whatever R is)."""
+    steps = torch.arange(1, num_steps + 1, device=eps.device).unsqueeze(-1)  # [N, 1]
+    return torch.where(loops.unsqueeze(0) <= steps, float("inf"), eps.unsqueeze(0))
+
+
+def _halting(block: ServingBlock, h: torch.Tensor, remaining: torch.Tensor,
+             halt_below: torch.Tensor, step: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ACT update of rows h [A, D] with their R [A]: (weight of h_t, new R, halted) [A].
-    A halting row's leftover mass R goes to its last state."""
-    p = block.halt_probability(h, step) * remaining
+    A halting row's leftover mass goes to its last state, and its R becomes 0."""
+    lam = block.halt_probability(h, step)
+    p = remaining if lam is None else lam * remaining
     left = remaining - p
-    halted = (left < eps) | (loops <= step)
-    return torch.where(halted, p + left, p), left, halted
+    halted = left < halt_below
+    return torch.addcmul(p, left, halted), left.masked_fill(halted, 0.0), halted
 
 
-def masked_step(block: LoopBlock, bank: MemoryBank | None, cache: torch.Tensor,
-                tokens: StepTokens, layer: LayerState, step: int) -> None:
-    """Every row through (layer, step); halted rows keep what they have."""
+def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
+                layer: LayerState, step: int) -> None:
+    """Every row through (layer, step); halted rows keep what they have (their R is 0, so
+    they add nothing to the mixture)."""
     active = layer.active
-    x, gates = block.read_memory(layer.state, bank)
+    x, gates = block.read_memory(layer.state)
     q, k, v = block.project_qkv(x, tokens.cos, tokens.sin)
     kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, hd]
     if layer.kv_last is not None:
         kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
     _write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q), step)
-    weight, left, halted = _halting(block, h, layer.remaining, tokens.eps, tokens.loops, step)
-    weight = weight * active  # halted rows add nothing
+    weight, layer.remaining, halted = _halting(block, h, layer.remaining,
+                                               tokens.halt_below[step - 1], step)
     layer.mixture.addcmul_(weight.unsqueeze(-1), h.float())
-    layer.gate_sum.addcmul_(gates, active.unsqueeze(-1).float())
+    layer.gate_sum.addcmul_(gates, active.unsqueeze(-1))
     layer.depth += active
     layer.state = torch.where(active.unsqueeze(-1), h, layer.state)
-    layer.remaining = torch.where(active, left, layer.remaining)
-    layer.active = active & ~halted
+    layer.active = active > halted  # active and not halted, in one kernel
     layer.kv_last = kv
 
 
-def compacted_step(block: LoopBlock, bank: MemoryBank | None, cache: torch.Tensor,
-                   tokens: StepTokens, layer: LayerState, step: int) -> int:
+def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
+                   layer: LayerState, step: int) -> int:
     """Only the active rows through (layer, step); returns how many there were (a sync)."""
     rows = layer.active.nonzero().squeeze(1)  # [A] sorted: the data-dependent shape
     count = rows.numel()
     if count == 0:
         _write_plane(cache, tokens, step - 1, layer.kv_last)
         return 0
-    x, gates = block.read_memory(layer.state.index_select(0, rows), bank)
+    x, gates = block.read_memory(layer.state.index_select(0, rows))
     q, k, v = block.project_qkv(x, tokens.cos.index_select(0, rows),
                                 tokens.sin.index_select(0, rows))
     kv_rows = torch.stack((k, v), dim=1)  # [A, 2, Hkv, hd]
@@ -115,14 +124,13 @@ def compacted_step(block: LoopBlock, bank: MemoryBank | None, cache: torch.Tenso
     _write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, rows, q), step)
     weight, left, halted = _halting(block, h, layer.remaining.index_select(0, rows),
-                                    tokens.eps.index_select(0, rows),
-                                    tokens.loops.index_select(0, rows), step)
+                                    tokens.halt_below[step - 1].index_select(0, rows), step)
     layer.mixture.index_add_(0, rows, weight.unsqueeze(-1) * h.float())
     layer.gate_sum.index_add_(0, rows, gates)
     layer.depth.index_add_(0, rows, torch.ones_like(rows))
     layer.state = layer.state.index_copy(0, rows, h)
     layer.remaining = layer.remaining.index_copy(0, rows, left)
-    layer.active = layer.active.index_copy(0, rows, ~halted)
+    layer.active = layer.active.index_copy(0, rows, halted.logical_not())
     layer.kv_last = kv
     return count
 

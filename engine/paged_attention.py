@@ -19,6 +19,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from engine.step_upload import StepUpload
+
 
 @dataclasses.dataclass
 class PrefillSlice:
@@ -38,34 +40,44 @@ class AttentionPlan:
     prefill_blocks: torch.Tensor  # [P, Wp] the prefills' block tables, padded with block 0
     prefill_ends: torch.Tensor  # [P] flat index one past each prefill's last token
     slice_starts: torch.Tensor  # [P + 1] flat index where decodes end and each prefill ends
+    slice_bounds: list[int]  # the same, on the host
+
+    @staticmethod
+    def pack(upload: StepUpload, block_tables: list[list[int]], starts: list[int],
+             lengths: list[int], num_decodes: int, block_size: int) -> dict:
+        """Put the plan's tables into the step's upload; returns the host-side layout that
+        `build` needs. Sequences in flat order; the first `num_decodes` have length 1."""
+        contexts = [s + n for s, n in zip(starts, lengths, strict=True)]
+        widths = [-(-c // block_size) for c in contexts]
+        dec_width = max(widths[:num_decodes], default=1)
+        upload.add("decode_blocks", _padded(block_tables[:num_decodes], dec_width),
+                   (num_decodes, dec_width))
+        upload.add("decode_contexts", contexts[:num_decodes])
+        pre_width = max(widths[num_decodes:], default=1)
+        num_prefills = len(block_tables) - num_decodes
+        upload.add("prefill_blocks", _padded(block_tables[num_decodes:], pre_width),
+                   (num_prefills, pre_width))
+        ends = list(itertools.accumulate(lengths[num_decodes:], initial=num_decodes))
+        upload.add("slice_starts", ends)
+        return {"num_decodes": num_decodes, "block_size": block_size, "ends": ends,
+                "contexts": contexts[num_decodes:], "widths": widths[num_decodes:]}
 
     @classmethod
-    def build(cls, block_tables: list[list[int]], starts: list[int], lengths: list[int],
-              num_decodes: int, block_size: int, positions: torch.Tensor) -> AttentionPlan:
-        """Sequences in flat order; the first `num_decodes` have lengths of 1."""
-        device = positions.device
-        dec_blocks, dec_valid = _padded_decode_tables(
-            block_tables[:num_decodes], [s + 1 for s in starts[:num_decodes]], block_size,
-            device)
-        prefills = []
-        token = num_decodes
-        for table, start, length in zip(block_tables[num_decodes:], starts[num_decodes:],
-                                        lengths[num_decodes:], strict=True):
-            context = start + length
-            blocks = torch.tensor(table[:-(-context // block_size)], dtype=torch.long,
-                                  device=device)
-            prefills.append(PrefillSlice(token, token + length, blocks, context))
-            token += length
-        widths = [p.blocks.numel() for p in prefills]
-        padded = torch.zeros(len(prefills), max(widths, default=1), dtype=torch.long,
-                             device=device)
-        for row, piece in enumerate(prefills):
-            padded[row, :piece.blocks.numel()] = piece.blocks
-        ends = torch.tensor([p.token_end for p in prefills], dtype=torch.long, device=device)
-        starts_t = torch.tensor([num_decodes] + [p.token_end for p in prefills],
-                                dtype=torch.long, device=device)
-        return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded, ends,
-                   starts_t)
+    def build(cls, layout: dict, uploaded: dict[str, torch.Tensor]) -> AttentionPlan:
+        """The plan from `pack`'s layout and the uploaded tensors (no further copies)."""
+        num_decodes, block_size, ends = layout["num_decodes"], layout["block_size"], \
+            layout["ends"]
+        positions = uploaded["positions"]
+        dec_blocks = uploaded["decode_blocks"]
+        keys = torch.arange(dec_blocks.shape[1] * block_size, device=positions.device)
+        dec_valid = keys[None, :] < uploaded["decode_contexts"][:, None]  # [S_d, W * bs]
+        padded = uploaded["prefill_blocks"]
+        prefills = [PrefillSlice(ends[i], ends[i + 1], padded[i, :width], context)
+                    for i, (width, context) in enumerate(zip(layout["widths"],
+                                                             layout["contexts"], strict=True))]
+        slice_starts = uploaded["slice_starts"]
+        return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded,
+                   slice_starts[1:], slice_starts, ends)
 
     def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor | None,
                q: torch.Tensor) -> torch.Tensor:
@@ -97,11 +109,6 @@ class AttentionPlan:
     @property
     def all_tokens(self) -> torch.Tensor:
         return torch.arange(self.positions.numel(), device=self.positions.device)
-
-    @property
-    def slice_bounds(self) -> list[int]:
-        """Where the decodes end and each prefill ends, in flat tokens (host-side)."""
-        return [self.num_decodes] + [p.token_end for p in self.prefills]
 
     def _pad_is_cheap(self, counts: list[int]) -> bool:
         """One padded call for every prefill when padding at most doubles the work."""
@@ -137,8 +144,8 @@ class AttentionPlan:
         """rows [n] of the decode rows (None: all of them)."""
         blocks = self.decode_blocks if rows is None else self.decode_blocks[rows]
         valid = self.decode_key_valid if rows is None else self.decode_key_valid[rows]
-        kv = cache[blocks, plane]  # whole blocks: [n, W, 2, bs, Hkv, hd]
-        k, v = kv[:, :, 0].flatten(1, 2), kv[:, :, 1].flatten(1, 2)  # [n, W * bs, Hkv, hd]
+        k = cache[blocks, plane, 0].flatten(1, 2)  # whole blocks: [n, W * bs, Hkv, hd]
+        v = cache[blocks, plane, 1].flatten(1, 2)
         mask = valid[:, None, None, :]  # [n, 1, 1, W * bs]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -159,16 +166,6 @@ class AttentionPlan:
         return out[0].transpose(0, 1).flatten(1)  # [a, H * hd]
 
 
-def _padded_decode_tables(tables: list[list[int]], context_lens: list[int], block_size: int,
-                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block tables of the decode rows padded to the longest (with block 0, masked out),
-    and which of the W * block_size positions each row really attends to."""
-    if not tables:
-        return (torch.zeros(0, 1, dtype=torch.long, device=device),
-                torch.zeros(0, block_size, dtype=torch.bool, device=device))
-    width = -(-max(context_lens) // block_size)
-    padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
-    blocks = torch.tensor(padded, dtype=torch.long, device=device)  # [S_d, W]
-    positions = torch.arange(width * block_size, device=device)
-    valid = positions[None, :] < torch.tensor(context_lens, device=device)[:, None]
-    return blocks, valid
+def _padded(tables: list[list[int]], width: int) -> list[int]:
+    """Block tables cut or padded (with block 0, masked out) to `width`, row-major."""
+    return [b for t in tables for b in (t[:width] + [0] * (width - len(t[:width])))]

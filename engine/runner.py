@@ -31,10 +31,12 @@ from engine.loop_step import (
     StepTokens,
     compacted_step,
     fill_later_planes,
+    halt_thresholds,
     masked_step,
 )
 from engine.paged_attention import AttentionPlan
-from model.block import LoopBlock
+from engine.serving_block import ServingBlock, rope_tables
+from engine.step_upload import StepUpload
 from model.looplm import LoopLM
 
 
@@ -69,6 +71,9 @@ class ModelRunner:
         self.config = model.config
         self.block_size = block_size
         self.max_depth = max_depth
+        # the layers' weights rearranged for serving (a snapshot: made once, here)
+        self.blocks = [ServingBlock(b, model.global_bank) for b in model.layers]
+        self.upload = StepUpload(model.device)
         cost_model = calibrate(model, calibration_rows) if loop_form == "auto" else None
         self.policy = FormPolicy(model.config.n_layers, model.config.max_loops, loop_form,
                                  cost_model)
@@ -94,85 +99,88 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> StepOutput:
-        tokens = self._step_tokens(step)
-        h = self.model.embed(torch.tensor(step.token_ids, dtype=torch.long,
-                                          device=self.model.device))
+        tokens, uploaded = self._step_tokens(step)
+        h = self.model.embed(uploaded["token_ids"])
         num_steps = self.config.max_loops if self.max_depth else max(step.max_loops)
-        counts = torch.zeros(self.config.n_layers, num_steps, dtype=torch.long,
-                             device=h.device)  # active tokens per (layer, step)
         depths, gate_means = [], []
-        for index, block in enumerate(self.model.layers):
-            layer = self._run_layer(index, block, h, tokens, num_steps, counts[index])
+        for index, block in enumerate(self.blocks):
+            layer = self._run_layer(index, block, h, tokens, num_steps)
             h = layer.mixture.to(h.dtype)
             depths.append(layer.depth)
             gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
-        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=h.device)
-        logits = self.model.logits(h[rows])
-        return self._fetch(logits, torch.stack(depths, -1), torch.stack(gate_means, -2), counts)
+        logits = self.model.logits(h[uploaded["sample_rows"]])
+        return self._fetch(logits, torch.stack(depths, -1), torch.stack(gate_means, -2),
+                           num_steps)
 
     def _fetch(self, logits: torch.Tensor, depths: torch.Tensor, gates: torch.Tensor,
-               counts: torch.Tensor) -> StepOutput:
-        """Depths [T, L], gates [T, L, 2] and counts [L, n] to the host in one copy."""
+               num_steps: int) -> StepOutput:
+        """Depths [T, L] and gates [T, L, 2] to the host in one copy; the active tokens of
+        each (layer, step) are those whose depth reaches the step."""
         total, layers = depths.shape
-        packed = torch.cat((depths.flatten().float(), gates.flatten().float(),
-                            counts.flatten().float())).cpu()
+        packed = torch.cat((depths.flatten().float(), gates.flatten().float())).cpu()
         host_depths = packed[:total * layers].long().view(total, layers)
-        host_gates = packed[total * layers:total * layers * 3].view(total, layers, 2)
-        host_counts = packed[total * layers * 3:].long().view(layers, -1).tolist()
+        host_gates = packed[total * layers:].view(total, layers, 2)
+        steps = torch.arange(1, num_steps + 1)
+        host_counts = (host_depths.t()[:, :, None] >= steps).sum(1).tolist()  # [L][n]
         self.policy.observe(host_counts, total)
         calls = [(layer, t + 1, count) for layer, row in enumerate(host_counts)
                  for t, count in enumerate(row) if count]
         return StepOutput(logits=logits, depths=host_depths, gates=host_gates,
                           active_per_call=calls)
 
-    def _step_tokens(self, step: StepInput) -> StepTokens:
-        device = self.model.device
-        positions = torch.tensor(step.positions, dtype=torch.long, device=device)
-        plan = AttentionPlan.build(step.block_tables, step.starts, step.lengths,
-                                   step.num_decodes, self.block_size, positions)
-        blocks, offsets = self._write_slots(step, positions)
-        eps, loops = self._per_token_limits(step, device)
-        cos, sin = self.model.rotary.tables(positions)  # [T, 1, hd/2]
-        return StepTokens(cos=cos, sin=sin, eps=eps, loops=loops, blocks=blocks,
-                          offsets=offsets, plan=plan)
-
-    def _write_slots(self, step: StepInput, positions: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block id and offset [T] where each token's k/v are written."""
-        block_of_token = [table[p // self.block_size]
-                          for table, start, length in zip(step.block_tables, step.starts,
-                                                          step.lengths, strict=True)
-                          for p in range(start, start + length)]
-        block_ids = torch.tensor(block_of_token, dtype=torch.long, device=positions.device)
-        return block_ids, positions % self.block_size
-
-    def _per_token_limits(self, step: StepInput, device: torch.device
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Halting threshold and max loops [T] of each token's request."""
-        n = self.config.max_loops
+    def _step_tokens(self, step: StepInput) -> tuple[StepTokens, dict[str, torch.Tensor]]:
+        """Every input of the step in one upload, and the per-token views layers share."""
+        upload = self.upload
+        upload.add("token_ids", step.token_ids)
+        upload.add("positions", step.positions)
+        upload.add("slot_blocks", self._slot_blocks(step))
+        upload.add("sample_rows", step.sample_rows)
+        lengths = step.lengths
         if self.max_depth:
-            total = len(step.token_ids)
-            return (torch.full((total,), -1.0, device=device),
-                    torch.full((total,), n, dtype=torch.long, device=device))
-        eps = [e for e, length in zip(step.halt_thresholds, step.lengths, strict=True)
-               for _ in range(length)]
-        loops = [m for m, length in zip(step.max_loops, step.lengths, strict=True)
-                 for _ in range(length)]
-        return (torch.tensor(eps, dtype=torch.float32, device=device),
-                torch.tensor(loops, dtype=torch.long, device=device))
+            eps = [-1.0] * len(step.token_ids)
+            loops = [self.config.max_loops] * len(step.token_ids)
+        else:
+            eps = _per_token(step.halt_thresholds, lengths)
+            loops = _per_token(step.max_loops, lengths)
+        upload.add("loops", loops)
+        upload.add_floats("eps", eps)
+        layout = AttentionPlan.pack(upload, step.block_tables, step.starts, lengths,
+                                    step.num_decodes, self.block_size)
+        uploaded = upload.upload()
+        positions = uploaded["positions"]
+        cos, sin = rope_tables(*self.model.rotary.tables(positions))  # [T, 1, hd] fp32
+        num_steps = self.config.max_loops if self.max_depth else max(step.max_loops)
+        halt_below = halt_thresholds(uploaded["eps"], uploaded["loops"], num_steps)
+        tokens = StepTokens(cos=cos, sin=sin, halt_below=halt_below,
+                            blocks=uploaded["slot_blocks"],
+                            offsets=positions % self.block_size,
+                            plan=AttentionPlan.build(layout, uploaded))
+        return tokens, uploaded
 
-    def _run_layer(self, index: int, block: LoopBlock, h: torch.Tensor, tokens: StepTokens,
-                   num_steps: int, counts: torch.Tensor) -> LayerState:
-        cache, bank = self.kv_caches[index], self.model.global_bank
+    def _slot_blocks(self, step: StepInput) -> list[int]:
+        """The KV block each token's k/v are written to."""
+        size = self.block_size
+        return [table[p // size]
+                for table, start, length in zip(step.block_tables, step.starts, step.lengths,
+                                                strict=True)
+                for p in range(start, start + length)]
+
+    def _run_layer(self, index: int, block: ServingBlock, h: torch.Tensor,
+                   tokens: StepTokens, num_steps: int) -> LayerState:
+        cache = self.kv_caches[index]
         layer = LayerState.start(h)
         total = h.shape[0]
         for step in range(1, num_steps + 1):
-            counts[step - 1] = layer.active.sum()
             if self.policy.form(index, step, total) == COMPACTED:
-                if compacted_step(block, bank, cache, tokens, layer, step) == 0:
+                if compacted_step(block, cache, tokens, layer, step) == 0:
                     fill_later_planes(cache, tokens, layer, step, self.config.max_loops)
                     return layer
             else:
-                masked_step(block, bank, cache, tokens, layer, step)
+                masked_step(block, cache, tokens, layer, step)
         fill_later_planes(cache, tokens, layer, num_steps, self.config.max_loops)
         return layer
+
+
+def _per_token(values: list, lengths: list[int]) -> list:
+    """A per-sequence value repeated for each of the sequence's tokens of the step."""
+    return [v for v, n in zip(values, lengths, strict=True) for _ in range(n)]

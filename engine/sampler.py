@@ -25,6 +25,8 @@ from engine.sampling_params import SamplingParams
 
 @dataclasses.dataclass
 class SampleResult:
+    """What the host gets back from one call: a token and its logprob entry per row."""
+
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
 

@@ -1,0 +1,126 @@
+"""`ServingBlock`: one layer's weights rearranged once for serving, so that a loop step
+launches fewer kernels. The arithmetic is `LoopBlock`'s, re-associated:
+
+- RMSNorm weights before a linear are folded into it: norm(x) W^T = rms(x) (W diag(g))^T;
+- the two memory banks read in one pass: one gate matmul for both banks, the query norms
+  folded into the bank keys (q k^T = rms(x_n) diag(w_q) K^T), one score matmul over the
+  concatenated slots, and the value and output projections folded together
+  (g P V W^T = [g_l P_l, g_g P_g] [V_l W_l^T; V_g W_g^T]): one readout matmul;
+- q and k head norms share one call with weights concatenated once; RoPE uses per-step
+  tables [T, 1, hd] (cos twice, sin with the sign of rotate-half) built once per engine
+  step and kept in fp32;
+- the loop scales s_t = softplus(alpha_t) and the router's step feature become constants.
+
+The reference forward keeps using `LoopBlock`; tests hold the engine to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from model.block import LoopBlock
+from model.memory import MemoryBank
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 1, hd/2] tables -> full-width [T, 1, hd] for x * cos + rotate_half(x) * sin."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+class ServingBlock:
+    """Inference-only view of a `LoopBlock` (the weights are copies, made once)."""
+
+    @torch.no_grad()
+    def __init__(self, block: LoopBlock, global_bank: MemoryBank | None) -> None:
+        cfg = block.cfg
+        self.cfg = cfg
+        self.eps = cfg.norm_eps
+        dtype = block.qkv.weight.dtype
+        self.qkv_weight = (block.qkv.weight * block.attn_norm.weight).to(dtype)
+        self.qk_norm = torch.cat((block.q_norm.weight.expand(cfg.n_heads, -1),
+                                  block.k_norm.weight.expand(cfg.n_kv_heads, -1))).float()
+        self.attn_out = block.attn_out.weight
+        self.gate_up = (block.mlp.gate_up.weight * block.mlp_norm.weight).to(dtype)
+        self.down = block.mlp.down.weight
+        self.hidden = cfg.ffn_hidden
+        self.scales = [float(F.softplus(a)) for a in block.loop_scale.float()]  # s_t
+        self._router(block)
+        self._memory(block, global_bank)
+
+    def _router(self, block: LoopBlock) -> None:
+        n = self.cfg.max_loops
+        weight = block.router.weight[0].float()  # [D + 1]
+        self.router_weight = weight[:-1].unsqueeze(-1)  # [D, 1]
+        bias = float(block.router.bias[0])
+        feature = [(t - 1) / (n - 1) if n > 1 else 0.0 for t in range(1, n + 1)]
+        self.router_bias = [bias + f * float(weight[-1]) for f in feature]  # per step
+
+    def _memory(self, block: LoopBlock, global_bank: MemoryBank | None) -> None:
+        memory = block.memory
+        self.has_memory = memory is not None
+        if memory is None:
+            return
+        reads = [(memory.local_read, memory.local_bank), (memory.global_read, global_bank)]
+        self.bank_columns = [i for i, (read, _) in enumerate(reads) if read is not None]
+        present = [(read, bank) for read, bank in reads if read is not None]
+        dtype = memory.norm.weight.dtype
+        self.memory_norm = memory.norm.weight
+        self.gate_weight = torch.cat([read.gate.weight for read, _ in present])  # [banks, D]
+        self.gate_bias = torch.cat([read.gate.bias for read, _ in present])  # [banks]
+        width = block.cfg.d_model
+        keys = [bank.norm_k(bank.keys) * read.norm_q.weight / math.sqrt(width)
+                for read, bank in present]  # [S_b, D] each, query norm folded in
+        self.keys_t = torch.cat(keys).t().contiguous().to(dtype)  # [D, S]
+        values = [bank.values @ read.out.weight.t() for read, bank in present]  # [S_b, D]
+        self.values = torch.cat(values).contiguous().to(dtype)  # [S, D]
+        self.slots = [bank.keys.shape[0] for _, bank in present]
+
+    # ------------------------------------------------------------------ one loop step
+    def read_memory(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, D] -> (x [T, D], gates [T, 2] fp32), as `LoopBlock.read_memory`."""
+        if not self.has_memory:
+            return h, h.new_zeros(h.shape[0], 2, dtype=torch.float32)
+        normed = F.rms_norm(h, (h.shape[-1],), self.memory_norm, self.eps)
+        gate = torch.sigmoid(F.linear(h, self.gate_weight, self.gate_bias))  # [T, banks]
+        query = F.rms_norm(normed, (h.shape[-1],), None, self.eps)
+        scores = query @ self.keys_t  # [T, S]
+        probs = [p.softmax(dim=-1) * gate[:, b:b + 1]
+                 for b, p in enumerate(scores.split(self.slots, dim=-1))]
+        update = torch.cat(probs, dim=-1) @ self.values if len(probs) > 1 else (
+            probs[0] @ self.values)
+        gates = gate.float() if len(self.bank_columns) == 2 else (
+            gate.new_zeros(h.shape[0], 2, dtype=torch.float32).index_copy_(
+                1, torch.tensor(self.bank_columns, device=h.device), gate.float()))
+        return h + update, gates
+
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D] -> q [T, H, hd], k, v [T, Hkv, hd]; cos/sin from `rope_tables`."""
+        cfg = self.cfg
+        heads = cfg.n_heads + cfg.n_kv_heads
+        qkv = F.linear(F.rms_norm(x, (x.shape[-1],), None, self.eps), self.qkv_weight)
+        qk = qkv[:, :heads * cfg.head_dim].unflatten(-1, (heads, cfg.head_dim))
+        v = qkv[:, heads * cfg.head_dim:].unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
+        qk = F.rms_norm(qk.float(), (cfg.head_dim,), None, self.eps) * self.qk_norm
+        half = cfg.head_dim // 2
+        rotated = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
+        qk = torch.addcmul(qk * cos, rotated, sin).to(x.dtype)
+        return qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v
+
+    def finish_step(self, x: torch.Tensor, attn: torch.Tensor, step: int) -> torch.Tensor:
+        """x [T, D], attention output [T, H * hd] -> h_t [T, D]."""
+        scale = self.scales[step - 1]
+        u = torch.add(x, F.linear(attn, self.attn_out), alpha=scale)
+        gate, up = F.linear(F.rms_norm(u, (u.shape[-1],), None, self.eps),
+                            self.gate_up).split(self.hidden, dim=-1)
+        return torch.add(u, F.linear(F.silu(gate) * up, self.down), alpha=scale)
+
+    def halt_probability(self, h: torch.Tensor, step: int) -> torch.Tensor | None:
+        """lam_t [T] fp32; None at the model's last step N (where it is exactly 1)."""
+        if step == self.cfg.max_loops:
+            return None
+        return torch.sigmoid(torch.add(h.float() @ self.router_weight,
+                                       self.router_bias[step - 1])).squeeze(-1)
