@@ -10,6 +10,7 @@ from engine.errors import ConfigError
 
 MODES = ("adaptive", "max_depth")
 LOOP_FORMS = ("auto", "masked", "compacted")
+STATIC_DECODE = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     mode: str = "adaptive"  # or "max_depth": every token runs N loops (for comparison)
     loop_form: str = "auto"  # form of each (layer, loop step): auto (measured), masked, compacted
+    # fixed-shape decode buckets: auto = CUDA graphs on CUDA, off elsewhere; on = buckets on
+    # any device (eager where there are no graphs: how the CPU tests exercise them); off
+    static_decode: str = "auto"
     seed: int = 0
     num_threads: int | None = None  # CPU threads of torch (process-wide); None: torch's choice
 
@@ -47,6 +51,9 @@ class EngineConfig:
         if self.loop_form not in LOOP_FORMS:
             raise ConfigError(f"loop_form must be one of {list(LOOP_FORMS)}, got "
                               f"{self.loop_form!r}")
+        if self.static_decode not in STATIC_DECODE:
+            raise ConfigError(f"static_decode must be one of {list(STATIC_DECODE)}, got "
+                              f"{self.static_decode!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.num_threads is not None and self.num_threads < 1:

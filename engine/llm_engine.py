@@ -86,7 +86,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, self.config.block_size,
                                   max_depth=self.config.mode == "max_depth",
                                   loop_form=self.config.loop_form,
-                                  calibration_rows=min(256, self.config.max_num_batched_tokens))
+                                  calibration_rows=min(256, self.config.max_num_batched_tokens),
+                                  static_decode=self._static_decode(model),
+                                  max_num_seqs=self.config.max_num_seqs,
+                                  max_model_len=self.max_model_len)
         self.sampler = Sampler(self.config.seed)
         self.flop_table = FlopTable(model.config)
         self.stats_callback = stats_callback
@@ -105,6 +108,10 @@ class LLMEngine:
         model = load_model(model_dir, device=device, dtype=config.resolved_dtype(device))
         tokenizer = load_tokenizer(model_dir or _bundled_dir(), model.config)
         return cls(model, tokenizer, config, **kwargs)
+
+    def _static_decode(self, model: LoopLM) -> bool:
+        choice = self.config.static_decode
+        return choice == "on" or (choice == "auto" and model.device.type == "cuda")
 
     def _num_blocks(self) -> int:
         per_block = ModelRunner.kv_bytes_per_token(self.model) * self.config.block_size

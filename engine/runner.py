@@ -36,6 +36,7 @@ from engine.loop_step import (
 )
 from engine.paged_attention import AttentionPlan
 from engine.serving_block import ServingBlock, rope_tables
+from engine.static_decode import StaticDecode, StaticInputs
 from engine.step_upload import StepUpload
 from model.looplm import LoopLM
 
@@ -66,7 +67,8 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, model: LoopLM, num_blocks: int, block_size: int,
                  max_depth: bool = False, loop_form: str = "auto",
-                 calibration_rows: int = 256) -> None:
+                 calibration_rows: int = 256, static_decode: bool = False,
+                 max_num_seqs: int = 64, max_model_len: int | None = None) -> None:
         self.model = model
         self.config = model.config
         self.block_size = block_size
@@ -78,9 +80,16 @@ class ModelRunner:
         self.policy = FormPolicy(model.config.n_layers, model.config.max_loops, loop_form,
                                  cost_model)
         cfg = self.config
-        shape = (num_blocks, cfg.max_loops, 2, block_size, cfg.n_kv_heads, cfg.head_dim)
+        # one block more than the manager hands out: the scratch block of padded rows
+        shape = (num_blocks + 1, cfg.max_loops, 2, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=model.device)
                           for _ in range(cfg.n_layers)]
+        self.static = None
+        if static_decode:
+            width = -(-(max_model_len or cfg.max_position) // block_size)
+            self.static = StaticDecode(self._static_forward, max_num_seqs, width,
+                                       cfg.max_loops, block_size, num_blocks, model.device,
+                                       capture=True)
 
     @staticmethod
     def kv_bytes_per_token(model: LoopLM) -> int:
@@ -100,6 +109,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: StepInput) -> StepOutput:
         tokens, uploaded = self._step_tokens(step)
+        if self._fits_static(step):
+            every_step = halt_thresholds(uploaded["eps"], uploaded["loops"],
+                                         self.config.max_loops)
+            outputs = self.static.run({**uploaded, "halt_below": every_step},
+                                      len(step.token_ids), uploaded["decode_blocks"].shape[1])
+            if outputs is not None:
+                return self._fetch(*outputs, self.config.max_loops)
         h = self.model.embed(uploaded["token_ids"])
         num_steps = self.config.max_loops if self.max_depth else max(step.max_loops)
         depths, gate_means = [], []
@@ -111,6 +127,30 @@ class ModelRunner:
         logits = self.model.logits(h[uploaded["sample_rows"]])
         return self._fetch(logits, torch.stack(depths, -1), torch.stack(gate_means, -2),
                            num_steps)
+
+    def _fits_static(self, step: StepInput) -> bool:
+        """Decodes only, each asking for its next token alone."""
+        return (self.static is not None and step.num_decodes == len(step.lengths)
+                and len(step.sample_rows) == len(step.token_ids))
+
+    def _static_forward(self, inputs: StaticInputs) -> tuple[torch.Tensor, ...]:
+        """The whole decode forward on a bucket's buffers: every layer, every loop step in
+        the masked form (fixed shapes, no host sync: what a CUDA graph captures)."""
+        positions = inputs.positions
+        cos, sin = rope_tables(*self.model.rotary.tables(positions))
+        tokens = StepTokens(cos=cos, sin=sin, halt_below=inputs.halt_below,
+                            blocks=inputs.slot_blocks, offsets=positions % self.block_size,
+                            plan=inputs.plan(self.block_size))
+        h = self.model.embed(inputs.token_ids)
+        depths, gate_means = [], []
+        for index, block in enumerate(self.blocks):
+            layer = LayerState.start(h)
+            for step in range(1, self.config.max_loops + 1):
+                masked_step(block, self.kv_caches[index], tokens, layer, step)
+            h = layer.mixture.to(h.dtype)
+            depths.append(layer.depth)
+            gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
+        return self.model.logits(h), torch.stack(depths, -1), torch.stack(gate_means, -2)
 
     def _fetch(self, logits: torch.Tensor, depths: torch.Tensor, gates: torch.Tensor,
                num_steps: int) -> StepOutput:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine.form_policy import COMPACTED, MASKED, CostModel, FormPolicy
 from engine.llm import LLM
@@ -144,3 +145,33 @@ def test_the_kv_pool_from_device_memory_names_the_flag_when_it_cannot_fit():
     assert blocks_from_device_memory(100 * gib, 20 * gib, 0.9, gib) == 65
     with pytest.raises(ConfigError, match="raise --gpu-memory-utilization"):
         blocks_from_device_memory(100 * gib, 90 * gib, 0.9, gib)
+
+
+@pytest.mark.parametrize("max_num_seqs", [3, 8])
+def test_static_decode_buckets_equal_eager_as_batches_shrink_and_grow(model, max_num_seqs):
+    """Fixed-shape decode buckets (CUDA graphs on a GPU; the same padded forward eagerly
+    here): batches inside and outside the buckets, growing and shrinking between steps
+    (requests of different lengths finish and arrive), give the eager engine's tokens."""
+    prompts = random_prompts(7, seed=12, low=3, high=30)
+    params = [SamplingParams(max_tokens=3 + 4 * (i % 3), halt_threshold=[None, 0.3, 0.0][i % 3],
+                             max_loops=[None, 2][i % 2], **GREEDY) for i in range(7)]
+    eager = LLM(model, num_kv_blocks=128, block_size=4, max_num_seqs=max_num_seqs,
+                static_decode="off").generate(prompts, params)
+    bucketed = LLM(model, num_kv_blocks=128, block_size=4, max_num_seqs=max_num_seqs,
+                   static_decode="on", max_num_batched_tokens=16)
+    outs = bucketed.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
+    assert bucketed.engine.runner.static.replays > 0
+    bucketed.engine.block_manager.check_integrity()
+
+
+def test_static_decode_buckets_and_their_limits():
+    from engine.static_decode import StaticDecode, powers_of_two
+
+    assert powers_of_two(1) == [1] and powers_of_two(6) == [1, 2, 4, 6]
+    static = StaticDecode(lambda inputs: None, max_rows=64, max_width=16, num_steps=3,
+                          block_size=4, scratch_block=0, device=torch.device("cpu"),
+                          capture=True)
+    assert static.bucket(5, 3) == (8, 4) and static.bucket(64, 16) == (64, 16)
+    assert static.bucket(65, 1) is None and static.bucket(1, 17) is None
+    assert not static.capture  # no graphs off CUDA
