@@ -3,12 +3,14 @@ on the logits' device, with one device-to-host copy per call.
 
 Order, as in vLLM v1: logit bias and the min_tokens mask, penalties (repetition on prompt +
 output, presence and frequency on the output), then temperature, top-k, top-p, min-p and a
-draw. Greedy rows take the argmax of the adjusted logits. The draw is an exponential race
-(argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i): unseeded rows share one
-batched draw from the engine's generator, and every seeded request draws its row from its
-own generator, so its output does not depend on which other requests share the batch.
-Logprobs are those of the model's own distribution (log-softmax of the raw logits), as
-OpenAI reports them.
+draw. Greedy rows take the argmax of the adjusted logits. When every sampling row has a
+top_k, the filters and the draw work on each row's top max(top_k) candidates instead of the
+whole vocabulary (no full sort, a smaller draw). The draw is an exponential race (argmax
+p_i / E_i with E_i ~ Exp(1) draws i with probability p_i): unseeded rows share one batched
+draw from the engine's generator, and every seeded request draws one value per vocabulary
+token from its own generator, so its output does not depend on which other requests share
+the batch. Logprobs are those of the model's own distribution (log-softmax of the raw
+logits), as OpenAI reports them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from engine.logprobs import logprob_entries, logprob_table
 from engine.request import Request, TokenLogprob
-from engine.sampling_batch import LogitAdjustments, SamplingFilters
+from engine.sampling_batch import LogitAdjustments, SamplingFilters, adjusts
 from engine.sampling_params import SamplingParams
 
 
@@ -45,24 +47,32 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         """logits [S, V] (any float dtype, any device), one row per request."""
         raw = logits.float()
-        adjusted = LogitAdjustments.build(requests, raw.device).apply(raw)  # [S, V]
-        filters = SamplingFilters.build([r.params for r in requests], raw.shape[-1], raw.device)
+        adjusted = raw  # [S, V]
+        if any(adjusts(r) for r in requests):
+            adjusted = LogitAdjustments.build(requests, raw.device).apply(raw)
         tokens = adjusted.argmax(dim=-1)  # [S]: the greedy choice
-        if not filters.all_greedy:
-            tokens = self._draw(adjusted, filters, requests, tokens)
+        if not all(r.params.greedy for r in requests):
+            tokens = self._draw(adjusted, requests, tokens)
         return _read_back(raw, tokens, requests)
 
-    def _draw(self, logits: torch.Tensor, filters: SamplingFilters, requests: list[Request],
-              greedy_tokens: torch.Tensor) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, requests: list[Request], greedy_tokens: torch.Tensor
+              ) -> torch.Tensor:
         """Sampled tokens [S]; greedy rows, and rows whose filters left no finite
         distribution (vanishing temperature or top_p), keep their argmax."""
-        probs = filters.probs(logits)  # [S, V]
-        sampled = (probs / self._noise(probs, requests)).argmax(dim=-1)  # [S]
+        filters = SamplingFilters.build([r.params for r in requests], logits.shape[-1],
+                                        logits.device)
+        values, ids = filters.candidates(logits)  # [S, C], token ids [S, C] or None (C = V)
+        probs = filters.probs(values, ranked=ids is not None)  # [S, C]
+        column = (probs / self._noise(probs, requests, ids, logits.shape[-1])).argmax(dim=-1)
+        sampled = column if ids is None else ids.gather(1, column.unsqueeze(1)).squeeze(1)
         fallback = filters.greedy | ~torch.isfinite(probs).all(dim=-1)
         return torch.where(fallback, greedy_tokens, sampled)
 
-    def _noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Exp(1) noise [S, V]: one draw for the unseeded rows, one per seeded row."""
+    def _noise(self, probs: torch.Tensor, requests: list[Request], ids: torch.Tensor | None,
+               vocab: int) -> torch.Tensor:
+        """Exp(1) noise [S, C]: one draw for the unseeded rows; a seeded row draws one value
+        per token id of the vocabulary from its own generator (whatever columns this batch
+        keeps), so its tokens do not depend on the batch."""
         drawing = [(row, r) for row, r in enumerate(requests) if not r.params.greedy]
         if any(r.params.seed is None for _, r in drawing):
             noise = torch.empty_like(probs).exponential_(generator=self.generator_on(probs.device))
@@ -70,8 +80,14 @@ class Sampler:
             noise = torch.ones_like(probs)
         for row, request in drawing:
             generator = request.generator_on(probs.device)
-            if generator is not None:
+            if generator is None:
+                continue
+            if ids is None:
                 noise[row].exponential_(generator=generator)
+            else:
+                per_token = torch.empty(vocab, device=probs.device).exponential_(
+                    generator=generator)  # [V]
+                noise[row] = per_token.index_select(0, ids[row])
         return noise
 
 

@@ -50,7 +50,7 @@ class SamplingFilters:
     top_k: torch.Tensor | None  # [S] long, V where off; None when no sampled row uses it
     top_p: torch.Tensor | None  # [S] fp32, inf where off
     min_p: torch.Tensor | None  # [S] fp32, 0 where off
-    all_greedy: bool
+    max_top_k: int | None  # the largest top_k when every sampled row has one
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], vocab: int, device: torch.device
@@ -59,6 +59,7 @@ class SamplingFilters:
                  p.top_p if p.top_p < 1.0 else float("inf"), p.min_p] for p in params]
         table = upload(torch.tensor(rows, dtype=torch.float32), device)  # [S, 5]
         sampled = [p for p in params if not p.greedy]
+        limits = [_top_k(p, vocab) for p in sampled]
 
         def used(column: int, test: Callable[[SamplingParams], bool]) -> torch.Tensor | None:
             return table[:, column] if any(test(p) for p in sampled) else None
@@ -67,29 +68,50 @@ class SamplingFilters:
         return cls(greedy=table[:, 0] > 0, temperature=table[:, 1],
                    top_k=None if top_k is None else top_k.long(),
                    top_p=used(3, lambda p: p.top_p < 1.0), min_p=used(4, lambda p: p.min_p > 0),
-                   all_greedy=not sampled)
+                   max_top_k=max(limits) if limits and max(limits) < vocab else None)
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [S, V] -> probabilities [S, V]: temperature, then top-k, top-p, min-p.
-        A row whose filters leave no finite distribution comes out non-finite (the
-        sampler takes its argmax instead)."""
+    def candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The columns the filters can keep. When every sampled row has a top_k: each row's
+        top max(top_k) logits [S, C] in descending order and their token ids [S, C];
+        otherwise every token: `logits` [S, V] itself and None."""
+        if self.max_top_k is None:
+            return logits, None
+        top = logits.topk(self.max_top_k, dim=-1)
+        return top.values, top.indices
+
+    def probs(self, logits: torch.Tensor, ranked: bool = False) -> torch.Tensor:
+        """logits [S, C] -> probabilities [S, C]: temperature, then top-k, top-p, min-p.
+        `ranked`: the columns are each row's best tokens in descending order (from
+        `candidates`), so top-k is a column cut and top-p needs no sort. A row whose
+        filters leave no finite distribution comes out non-finite (the sampler takes its
+        argmax instead)."""
         logits = logits / self.temperature.unsqueeze(1)
         order = None
-        if self.top_k is not None or self.top_p is not None:
+        if not ranked and (self.top_k is not None or self.top_p is not None):
             sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V] each
-        if self.top_k is not None:
+        if self.top_k is not None and ranked:
+            columns = torch.arange(logits.shape[1], device=logits.device)  # [C]
+            logits = logits.masked_fill(columns >= self.top_k.unsqueeze(1), float("-inf"))
+        elif self.top_k is not None:
             kth = sorted_logits.gather(1, (self.top_k - 1).unsqueeze(1))  # [S, 1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
         if self.top_p is not None:
-            sorted_probs = probs.gather(1, order)  # descending: softmax keeps the order
-            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each
-            drop = before >= self.top_p.unsqueeze(1)  # keeps at least the most likely token
-            probs = probs.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), 0.0)
+            probs = self._top_p(probs, order)
         if self.min_p is not None:
             floor = self.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)  # [S, 1]
             probs = probs.masked_fill(probs < floor, 0.0)
         return probs / probs.sum(dim=-1, keepdim=True)
+
+    def _top_p(self, probs: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+        """Drop the tokens below the top_p mass [S, C]; `order` sorts each row descending
+        (None: the columns already are)."""
+        sorted_probs = probs if order is None else probs.gather(1, order)  # softmax keeps order
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each
+        drop = before >= self.top_p.unsqueeze(1)  # keeps at least the most likely token
+        if order is not None:
+            drop = torch.zeros_like(drop).scatter_(1, order, drop)
+        return probs.masked_fill(drop, 0.0)
 
 
 def _top_k(params: SamplingParams, vocab: int) -> int:
@@ -164,6 +186,13 @@ class LogitAdjustments:
             logits = logits - (self.frequency.unsqueeze(1) * counts
                                + self.presence.unsqueeze(1) * (counts > 0))
         return logits
+
+
+def adjusts(request: Request) -> bool:
+    """Whether `LogitAdjustments` changes this request's logits at all."""
+    params = request.params
+    return bool(params.logit_bias or _min_tokens_banned(request)
+                or params.repetition_penalty != 1.0 or _has_occurrence_penalty(params))
 
 
 def _pairs(requests: Sequence[Request], tokens_of: Callable[[Request], list[int]]

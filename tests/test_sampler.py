@@ -247,16 +247,58 @@ def test_batched_sampler_rows_equal_each_row_alone():
         assert [t for t, _ in entry.top_logprobs] == (top.indices.tolist() if count else [])
 
 
-def test_batched_draw_follows_the_filtered_distribution():
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
-    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.95, min_p=0.02)
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7, top_k=5, top_p=0.95, min_p=0.02),  # among top-k candidates
+    SamplingParams(temperature=0.7, top_p=0.9, min_p=0.02),  # over the whole vocabulary
+])
+def test_batched_draw_follows_the_filtered_distribution(params):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = 20000
     requests = [request_with(params)] * rows
     tokens = Sampler(seed=1)(logits.expand(rows, -1), requests).token_ids
-    frequency = torch.bincount(torch.tensor(tokens), minlength=6).double() / rows
+    frequency = torch.bincount(torch.tensor(tokens), minlength=7).double() / rows
     expected = reference_probs(logits, params).double()
     assert expected[-1] == 0 and frequency[-1] == 0  # filtered out: never drawn
     torch.testing.assert_close(frequency, expected, rtol=0, atol=0.015)
+
+
+def test_top_k_candidates_give_the_full_vocabulary_distribution():
+    """When every sampled row has a top_k, filtering among each row's top max(top_k)
+    candidates gives the same probabilities as filtering the whole vocabulary."""
+    from engine.sampling_batch import SamplingFilters
+
+    params = [SamplingParams(temperature=0.8, top_k=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, top_k=40, top_p=0.5),
+              SamplingParams(temperature=1.0, top_k=17, min_p=0.1)]
+    logits = torch.randn(len(params), 264, generator=torch.Generator().manual_seed(8)) * 2
+    filters = SamplingFilters.build(params, 264, logits.device)
+    values, ids = filters.candidates(logits)
+    assert filters.max_top_k == 40 and ids.shape == (4, 40)
+    probs = torch.zeros_like(logits).scatter_(1, ids, filters.probs(values, ranked=True))
+    for row, p in enumerate(params):
+        if not p.greedy:
+            torch.testing.assert_close(probs[row], reference_probs(logits[row], p), rtol=0,
+                                       atol=1e-6)
+
+
+def test_a_seeded_row_draws_the_same_whichever_columns_its_batch_keeps():
+    """The same seeded top-k request, in a batch where every row has a top_k (candidate
+    columns) and in one with a row over the whole vocabulary, samples the same tokens."""
+    from engine.sampling_batch import SamplingFilters
+
+    seeded = SamplingParams(temperature=1.5, top_k=30, seed=21)
+    partners = {"candidates": SamplingParams(temperature=1.0, top_k=60),
+                "whole vocabulary": SamplingParams(temperature=1.0)}
+    logits = torch.randn(2, 264, generator=torch.Generator().manual_seed(9))
+    drawn = {}
+    for name, partner in partners.items():
+        assert (SamplingFilters.build([seeded, partner], 264, logits.device).max_top_k
+                is None) == (name == "whole vocabulary")
+        target, sampler = request_with(seeded), Sampler(seed=len(name))
+        drawn[name] = [sampler(logits, [target, request_with(partner)]).token_ids[0]
+                       for _ in range(12)]
+    assert drawn["candidates"] == drawn["whole vocabulary"]
+    assert len(set(drawn["candidates"])) > 1
 
 
 def test_sampler_reads_back_once_and_never_syncs_before(monkeypatch):
@@ -315,15 +357,16 @@ def test_cuda_sampler_syncs_only_at_its_read_back(monkeypatch):
     monkeypatch.setattr(sampler_module, "_read_back", unguarded)
     logits = torch.randn(len(MIXED), 264, generator=torch.Generator().manual_seed(7)) * 3
     on_cpu = Sampler()(logits, mixed_requests())
-    torch.cuda.set_sync_debug_mode("error")
+    requests, logits = mixed_requests(), logits.cuda()
+    torch.cuda.set_sync_debug_mode("error")  # any sync before the read-back raises
     try:
-        on_cuda = Sampler()(logits.cuda(), mixed_requests())
+        on_cuda = Sampler()(logits, requests)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     greedy = [row for row, p in enumerate(MIXED) if p.greedy]
     assert [on_cuda.token_ids[r] for r in greedy] == [on_cpu.token_ids[r] for r in greedy]
-    assert all(r.generator is None or r.generator.device.type == "cuda"
-               for r in mixed_requests())
+    seeded = [r for r in requests if r.params.seed is not None and not r.params.greedy]
+    assert seeded and all(r.generator.device.type == "cuda" for r in seeded)
 
 
 # ---------------------------------------------------------------------- new fields
