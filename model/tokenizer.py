@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +37,7 @@ class Tokenizer(Protocol):
     @property
     def role_markers(self) -> dict[str, str]: ...
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
+    def encode_special_names(self, text: str, add_bos: bool = False) -> list[int]: ...
     def decode(self, ids: list[int], skip_special: bool = True) -> str: ...
     def token_text(self, token_id: int) -> str: ...
     def stream_decoder(self) -> StreamDecoder: ...
@@ -55,6 +57,9 @@ class ByteTokenizer:
             bos_token_id, eos_token_id, pad_token_id)
         self.role_ids = {role: BYTE_SPECIALS[f"<|{role}|>"] for role in ROLES}
         self._special_names = {v: k for k, v in BYTE_SPECIALS.items()}
+        self._special_ids = {self.token_text(i): i for i in range(256, vocab_size)}
+        names = sorted(self._special_ids, key=len, reverse=True)
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")")
 
     @property
     def role_markers(self) -> dict[str, str]:
@@ -65,6 +70,17 @@ class ByteTokenizer:
         # lone surrogates (from JSON "\ud800") are not UTF-8: they become "?"
         ids = list(text.encode("utf-8", errors="replace"))
         return [self.bos_token_id, *ids] if add_bos else ids
+
+    def encode_special_names(self, text: str, add_bos: bool = False) -> list[int]:
+        """Like `encode`, except that a special token's name in the text ("<eos>") is that
+        token, as Hugging Face tokenizers (and the exported tokenizer.json) read it."""
+        ids = [self.bos_token_id] if add_bos else []
+        for piece in self._special_pattern.split(text):
+            if piece in self._special_ids:
+                ids.append(self._special_ids[piece])
+            elif piece:
+                ids += self.encode(piece)
+        return ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         decoder = self.stream_decoder(skip_special)
@@ -137,6 +153,9 @@ class HFTokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos else ids
+
+    def encode_special_names(self, text: str, add_bos: bool = False) -> list[int]:
+        return self.encode(text, add_bos)  # `tokenizers` reads added tokens' names already
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
@@ -240,18 +259,21 @@ def load_tokenizer(directory: str | Path | None, config: ModelConfig) -> Tokeniz
 # with their ids, and a text gets <bos> first when special tokens are added (as the server's
 # text prompts and /tokenize do). The chat template renders the same ids as
 # `apply_chat_template`, because the rendered role markers parse as their special tokens.
-# One difference remains: a text that spells a special token ("<eos>") is that token to
-# Hugging Face and bytes to loopserve.
-def hf_chat_template(role_markers: dict[str, str]) -> str:
-    """The chat template as Jinja over text, for clients that render it themselves."""
+# A text that spells a special token ("<eos>") is that token to Hugging Face, as it is to
+# `encode_special_names` (and so to the server's /tokenize), and bytes to `encode`.
+def hf_chat_template(role_markers: dict[str, str], bos: str, eos: str) -> str:
+    """The chat template as Jinja over text, for clients that render it themselves. The
+    special tokens are written out, not read from `bos_token` / `eos_token`: some renderers
+    (lm-evaluation-harness's remote tokenizer) pass only `messages` and
+    `add_generation_prompt`."""
     roles = "".join(f"{'{% if' if i == 0 else '{% elif'} role == '{r}' %}}{role_markers[r]}"
                     for i, r in enumerate(ROLES)) + "{% endif %}"
     return (
-        "{{ bos_token }}{% for message in messages %}"
+        f"{bos}{{% for message in messages %}}"
         "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
         f"{roles}{{% if message['content'] is string %}}{{{{ message['content'] }}}}"
         "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
-        "{{ eos_token }}{% endfor %}"
+        f"{eos}{{% endfor %}}"
         f"{{% if add_generation_prompt %}}{role_markers['assistant']}{{% endif %}}")
 
 
@@ -301,7 +323,8 @@ def hf_tokenizer_config(tok: ByteTokenizer, max_length: int) -> dict:
         "bos_token": name(tok.bos_token_id), "eos_token": name(tok.eos_token_id),
         "pad_token": name(tok.pad_token_id), "model_max_length": max_length,
         "clean_up_tokenization_spaces": False,
-        "chat_template": hf_chat_template(tok.role_markers),
+        "chat_template": hf_chat_template(tok.role_markers, name(tok.bos_token_id),
+                                          name(tok.eos_token_id)),
         # loopserve's description (`type` makes load_tokenizer serve the byte tokenizer)
         "type": "byte", "vocab_size": tok.vocab_size,
         "byte_ids": "0..255 are the UTF-8 bytes themselves",

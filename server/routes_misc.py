@@ -58,7 +58,8 @@ async def get_model(model: str, request: Request) -> ModelCard:
 
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    """A prompt (with the bos token unless add_special_tokens is false) or chat messages."""
+    """A prompt (with the bos token unless add_special_tokens is false; a special token's
+    name in it is that token) or chat messages."""
     state = server_state(request)
     check_model(body.model, state.model_name)
     tokenizer = state.processor.tokenizer
@@ -67,7 +68,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.messages is not None:
         tokens = tokenizer.apply_chat_template(chat_messages(body), body.add_generation_prompt)
     else:
-        tokens = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
+        # special tokens' names are those tokens, as vLLM's Hugging Face tokenizers read them
+        # (remote-tokenizer clients render the chat template to text and tokenize it here)
+        tokens = tokenizer.encode_special_names(body.prompt, add_bos=body.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=state.processor.max_model_len,
                             tokens=tokens)
 
@@ -89,11 +92,12 @@ def tokenizer_info(tokenizer: Tokenizer, max_model_len: int) -> dict:
     (for the byte tokenizer, the one the bundled model ships), with the chat template."""
     if isinstance(tokenizer, ByteTokenizer):
         return hf_tokenizer_config(tokenizer, max_model_len)
-    name = tokenizer.token_text
-    return {"tokenizer_class": type(tokenizer).__name__,
-            "bos_token": name(tokenizer.bos_token_id), "eos_token": name(tokenizer.eos_token_id),
-            "pad_token": name(tokenizer.pad_token_id), "model_max_length": max_model_len,
-            "chat_template": hf_chat_template(tokenizer.role_markers)}
+    bos, eos = tokenizer.token_text(tokenizer.bos_token_id), tokenizer.token_text(
+        tokenizer.eos_token_id)
+    return {"tokenizer_class": type(tokenizer).__name__, "bos_token": bos, "eos_token": eos,
+            "pad_token": tokenizer.token_text(tokenizer.pad_token_id),
+            "model_max_length": max_model_len,
+            "chat_template": hf_chat_template(tokenizer.role_markers, bos, eos)}
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfoResponse)

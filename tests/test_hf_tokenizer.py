@@ -59,6 +59,13 @@ def test_text_gives_the_byte_ids(hf, byte, text):
     assert hf.decode(hf(text)["input_ids"], skip_special_tokens=True) == text
 
 
+@pytest.mark.parametrize("text", ["<|user|>hi<eos>", "<bos><bos", "a<reserved_263>b<pad>"])
+def test_special_token_names_parse_as_hugging_face_reads_them(hf, byte, text):
+    assert byte.encode_special_names(text) == hf.encode(text, add_special_tokens=False)
+    assert byte.encode_special_names(text, add_bos=True) == hf(text)["input_ids"]
+    assert byte.encode(text) == list(text.encode())  # the plain encode stays bytes
+
+
 @pytest.mark.parametrize("messages", CHATS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_gives_the_same_ids(hf, byte, messages, add_generation_prompt):
