@@ -80,7 +80,7 @@ class BlockManager:
         logits for its next token. A request that asks for prompt logprobs takes no hits."""
         if not self.enable_prefix_caching or request.request_id in self.tables:
             return []
-        if getattr(request.params, "prompt_logprobs", None) is not None:
+        if request.params.prompt_logprobs is not None:
             return []  # every prompt position must be computed to yield its logprob
         limit = (request.num_tokens - 1) // self.block_size
         hits: list[int] = []

@@ -4,6 +4,8 @@ engine against."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.compute_stats import ComputeTracker
@@ -14,6 +16,8 @@ from model import LoopLM, ModelConfig
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 CFG = ModelConfig()
+# the device the engine tests build their models on (benchmarks/gpu_suite.sh sets cuda)
+TEST_DEVICE = os.environ.get("LOOPSERVE_TEST_DEVICE", "cpu")
 
 
 def make_model(seed: int = 0, **overrides) -> LoopLM:
@@ -26,7 +30,7 @@ def make_model(seed: int = 0, **overrides) -> LoopLM:
             block.loop_scale.uniform_(-1.0, 1.0)  # make every step matter
             block.router.weight.normal_(0.0, 0.3)
             block.router.bias.normal_(0.0, 0.5)
-    return model
+    return model.to(TEST_DEVICE)
 
 
 def make_request(name: str = "r", prompt: list[int] | int = 3,
@@ -59,8 +63,8 @@ def reference_greedy(model: LoopLM, prompt: list[int], max_tokens: int,
     ids = list(prompt)
     tokens, logits = [], []
     for _ in range(max_tokens):
-        out = model.reference_forward(torch.tensor([ids]), halt_threshold=threshold,
-                                      max_loops=max_loops)
+        out = model.reference_forward(torch.tensor([ids], device=model.device),
+                                      halt_threshold=threshold, max_loops=max_loops)
         row = out.logits[0, -1]
         logits.append(row)
         tokens.append(int(row.argmax()))

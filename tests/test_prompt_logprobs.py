@@ -32,7 +32,7 @@ def scoring_params(count: int, max_tokens: int = 3) -> list[SamplingParams]:
 def reference_logprobs(model, llm: LLM, prompt: list[int], params: SamplingParams
                        ) -> torch.Tensor:
     """[T, V] log-softmax of the reference forward in the semantics the engine serves."""
-    out = model.reference_forward(torch.tensor([prompt]),
+    out = model.reference_forward(torch.tensor([prompt], device=model.device),
                                   halt_threshold=served_threshold(model, llm, params),
                                   max_loops=params.max_loops)
     return out.logits[0].log_softmax(dim=-1)
@@ -51,7 +51,7 @@ def check_prompt_logprobs(model, llm: LLM, prompt: list[int], params: SamplingPa
         assert len(entry.top_logprobs) == params.prompt_logprobs
         values = [v for _, v in entry.top_logprobs]
         assert values == sorted(values, reverse=True)
-        torch.testing.assert_close(torch.tensor(values), torch.topk(row, len(values)).values,
+        torch.testing.assert_close(torch.tensor(values), torch.topk(row, len(values)).values.cpu(),
                                    rtol=0, atol=1e-4)
         for token, value in entry.top_logprobs:
             assert value == pytest.approx(float(row[token]), abs=1e-4)
@@ -84,7 +84,8 @@ def test_prompt_logprobs_are_those_of_the_served_semantics(model):
     params = SamplingParams(max_tokens=1, halt_threshold=0.5, max_loops=1, prompt_logprobs=0,
                             **GREEDY)
     out = llm.generate([prompt], params)[0]
-    exact = model.reference_forward(torch.tensor([prompt])).logits[0].log_softmax(dim=-1)
+    ids = torch.tensor([prompt], device=model.device)
+    exact = model.reference_forward(ids).logits[0].log_softmax(dim=-1)
     gaps = [abs(e.logprob - float(exact[p - 1, prompt[p]]))
             for p, e in enumerate(out.prompt_logprobs) if p]
     assert max(gaps) > 1e-3
