@@ -29,6 +29,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     mode: str = "adaptive"  # or "max_depth": every token runs N loops (for comparison)
+    scheduling_policy: str = "fcfs"  # or "priority": lower SamplingParams.priority first
     loop_form: str = "auto"  # form of each (layer, loop step): auto (measured), masked, compacted
     # fixed-shape decode buckets: auto = CUDA graphs on CUDA, off elsewhere; on = buckets on
     # any device (eager where there are no graphs: how the CPU tests exercise them); off
@@ -54,6 +55,9 @@ class EngineConfig:
         if self.static_decode not in STATIC_DECODE:
             raise ConfigError(f"static_decode must be one of {list(STATIC_DECODE)}, got "
                               f"{self.static_decode!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got "
+                              f"{self.scheduling_policy!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.num_threads is not None and self.num_threads < 1:

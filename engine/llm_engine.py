@@ -82,7 +82,8 @@ class LLMEngine:
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens,
-                                   self.config.enable_chunked_prefill)
+                                   self.config.enable_chunked_prefill,
+                                   self.config.scheduling_policy)
         self.runner = ModelRunner(model, num_blocks, self.config.block_size,
                                   max_depth=self.config.mode == "max_depth",
                                   loop_form=self.config.loop_form,

@@ -23,11 +23,15 @@ the leader's full blocks by reference and a copy of its last partial block. Requ
 one step that share a not-yet-cached prefix are not computed twice either: a request whose
 next block another request of the step is completing waits one step for the cache hit.
 
+Policies: `fcfs` (arrival order) or `priority` (vLLM's: lower `priority` first, then
+arrival; preemption takes the running request of the lowest priority, newest first).
+
 The scheduler never touches tensors.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections import deque
 
@@ -58,9 +62,22 @@ class SchedulerOutput:
     block_copies: list[BlockCopy]  # forks of the last step: copy before this step runs
 
 
+POLICIES = ("fcfs", "priority")
+
+
+def _rank(request: Request) -> tuple[int, float]:
+    """Priority order: lower priority value first, then earlier arrival."""
+    return (request.params.priority, request.arrival_time)
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, enable_chunked_prefill: bool = True) -> None:
+                 max_num_batched_tokens: int, enable_chunked_prefill: bool = True,
+                 policy: str = "fcfs") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {list(POLICIES)}, got "
+                             f"{policy!r}")
+        self.policy = policy
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -74,7 +91,7 @@ class Scheduler:
     def add(self, request: Request, choices: list[Request] | None = None) -> None:
         """Queue `request`; `choices` are the other choices of it, forked from it later."""
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        self._queue(request, front=False)
         if choices:
             for choice in choices:
                 choice.status = RequestStatus.WAITING
@@ -105,7 +122,7 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.blocks.allocate(request, num_new):
-                victim = self.running.pop()  # the newest running request
+                victim = self._victim()
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
@@ -174,6 +191,26 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
+    def _victim(self) -> Request:
+        """Taken out of `running`: the newest request (fcfs), or the newest of the lowest
+        priority (priority)."""
+        if self.policy == "fcfs":
+            return self.running.pop()
+        index = max(range(len(self.running)),
+                    key=lambda i: (self.running[i].params.priority, i))
+        return self.running.pop(index)
+
+    def _queue(self, request: Request, front: bool) -> None:
+        """Into `waiting`: at the back (or, preempted, the front) under fcfs; in rank order
+        under the priority policy."""
+        if self.policy == "priority":
+            keys = [_rank(r) for r in self.waiting]
+            self.waiting.insert(bisect.bisect_right(keys, _rank(request)), request)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks and queue it first for recomputation."""
         self.blocks.free(request.request_id)
@@ -181,7 +218,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._queue(request, front=True)
 
     # ------------------------------------------------------------------ after a step
     def advance(self, output: SchedulerOutput) -> None:
@@ -207,7 +244,7 @@ class Scheduler:
                 continue
             copy = self.blocks.fork(leader, choice, leader.prompt_len)
             if copy is False:
-                self.waiting.appendleft(choice)
+                self._queue(choice, front=True)
                 continue
             if copy is not None:
                 self._copies.append(copy)

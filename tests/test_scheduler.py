@@ -95,3 +95,24 @@ def test_finish_and_abort_free_everything():
     s.finish(b)
     assert not s.has_unfinished() and s.blocks.usage() == 0.0
     s.blocks.check_integrity()
+
+
+def test_priority_policy_admits_and_preempts_by_priority():
+    from engine.sampling_params import SamplingParams
+
+    s = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), 8, 64, True, "priority")
+    low = make_request("low", 7, SamplingParams(priority=5))
+    high = make_request("high", 7, SamplingParams(priority=-1))
+    mid = make_request("mid", 3, SamplingParams(priority=0))
+    for request in (low, high, mid):
+        s.add(request)
+    assert [r.request_id for r in s.waiting] == ["high", "mid", "low"]
+    out = run_step(s)  # high: 2 blocks, mid: 1, low: 2 does not fit after them
+    assert [c.request.request_id for c in out.chunks] == ["high", "mid"]
+    for _ in range(4):
+        out = run_step(s)  # high grows into a third block: mid (lowest running) goes
+        if out.preempted:
+            break
+    assert [r.request_id for r in out.preempted] == ["mid"]
+    assert [r.request_id for r in s.waiting] == ["mid", "low"]  # rank order, not arrival
+    s.blocks.check_integrity()
