@@ -6,6 +6,7 @@ throughput ratio is set next to the FLOP ratio (what a perfect engine would gain
 achieved FLOP/s and weight bytes/s against this machine's measured matmul and copy rates.
 
     python -m benchmarks.engine_throughput                       # CPU default model
+    python -m benchmarks.engine_throughput --bundled             # the bundled model, held-out
     python -m benchmarks.engine_throughput --preset paper-loop3-mem --device cuda --dtype bf16 \
         --batch-sizes 1 8 32 64 128 256 --prompt-len 128 --output-len 128
 """
@@ -22,7 +23,7 @@ import torch
 
 from engine import LLM, LoopLM, ModelConfig, SamplingParams, get_preset
 from engine.runner import ModelRunner
-from model.weights import resolve_dtype
+from model.weights import BUNDLED_MODEL_DIR, load_model, resolve_dtype
 
 CPU_BENCH_CONFIG = ModelConfig(d_model=384, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=64,
                                ffn_hidden=1024, max_loops=3, local_memory_slots=64,
@@ -32,12 +33,15 @@ CPU_BENCH_CONFIG = ModelConfig(d_model=384, n_layers=4, n_heads=6, n_kv_heads=2,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=None, help="a preset name (default: a CPU model)")
+    parser.add_argument("--bundled", action="store_true",
+                        help="the bundled trained model and its held-out prompts")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--threshold", type=float, default=0.1)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="halt_threshold (default: 0.1, or the bundled model's own)")
     parser.add_argument("--router-bias", type=float, default=1.0,
                         help="router bias; sets the mix of depths of a random model")
     parser.add_argument("--router-std", type=float, default=0.05)
@@ -49,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> LoopLM:
+    if args.bundled:
+        return load_model(None, device=args.device, dtype=args.dtype).eval()
     torch.manual_seed(args.seed)
     config = get_preset(args.preset) if args.preset else CPU_BENCH_CONFIG
     model = LoopLM(config)
@@ -109,11 +115,20 @@ def best_of(llm: LLM, prompts, params, args) -> dict:
     return min(runs, key=lambda r: r["seconds"])
 
 
+def batch_prompts(llm: LLM, batch: int, args: argparse.Namespace) -> list[list[int]]:
+    """Random token prompts, or the bundled model's held-out prompts (cycled)."""
+    if args.bundled:
+        lines = (BUNDLED_MODEL_DIR / "test_prompts.jsonl").read_text().splitlines()
+        texts = [json.loads(line)["prompt"] for line in lines]
+        return [llm.tokenizer.encode(texts[i % len(texts)], add_bos=True) for i in range(batch)]
+    gen = torch.Generator().manual_seed(args.seed + batch)
+    vocab = llm.engine.model_config.vocab_size
+    return torch.randint(0, min(vocab, 256), (batch, args.prompt_len), generator=gen).tolist()
+
+
 def bench_batch(adaptive: LLM, max_depth: LLM, batch: int, args, rates: dict,
                 block_bytes: int) -> dict:
-    gen = torch.Generator().manual_seed(args.seed + batch)
-    vocab = adaptive.engine.model_config.vocab_size
-    prompts = torch.randint(0, min(vocab, 256), (batch, args.prompt_len), generator=gen).tolist()
+    prompts = batch_prompts(adaptive, batch, args)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True,
                             halt_threshold=args.threshold)
     a = best_of(adaptive, prompts, params, args)
@@ -140,6 +155,8 @@ def bench_batch(adaptive: LLM, max_depth: LLM, batch: int, args, rates: dict,
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threshold is None:
+        args.threshold = None if args.bundled else 0.1
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args)
@@ -160,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "engine_throughput", "machine": _machine(args.device),
         "threads": torch.get_num_threads(), "device": args.device, "dtype": str(dtype),
-        "model": args.preset or "cpu-bench", "model_config": model.config.to_dict(),
+        "model": "bundled" if args.bundled else (args.preset or "cpu-bench"),
+        "model_config": model.config.to_dict(),
         "prompt_len": args.prompt_len, "output_len": args.output_len,
         "halt_threshold": args.threshold, "router_bias": args.router_bias,
         "measured_matmul_flops_per_s": rates["matmul"], "measured_copy_bytes_per_s": rates["copy"],
