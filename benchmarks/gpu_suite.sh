@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The prepared GPU suite (one command, under 8 minutes on an H200; see issue 11):
+#   1. the engine tests on CUDA (models built on the GPU; CUDA graphs of the decode step on)
+#   2. decode at batch 64 and 256 with 1,024-token contexts, bf16, adaptive vs max-depth:
+#      the paper preset (router biases for a mean depth near 2) and the dense iso-FLOP
+#      preset, each (layer, step) form recorded, every bucket replay under
+#      torch.cuda.set_sync_debug_mode("error")
+#   3. the same dense model in loopserve and in transformers' generate
+# JSON goes to $OUT (the device tool's folder) when set, else benchmarks/results/<date>-gpu.
+# Runs with the device's own python3 (torch with CUDA, transformers, pytest); it needs none
+# of the server's packages. Usage: bash benchmarks/gpu_suite.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/$(date +%F)-gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv \
+    > "$OUT/gpu.csv" 2>&1
+"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
+    | tee "$OUT/torch.txt"
+
+step() {  # step NAME TIMEOUT COMMAND...: run, keep its log, print its last line
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 1 "$OUT/$name.log" > "$OUT/$name.json"
+    echo "$name: rc=$rc in $((SECONDS - start)) s"
+}
+
+step tests 120 env LOOPSERVE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_engine.py tests/test_loop_forms.py tests/test_engine_liveness.py \
+    tests/test_prompt_logprobs.py tests/test_sampler.py --junitxml "$OUT/tests.xml"
+tail -n 3 "$OUT/tests.log"
+for preset in paper-loop3-mem paper-iso-flop-baseline; do
+    for batch in 64 256; do
+        step "decode-$preset-$batch" 65 "$PY" -m benchmarks.decode_bench --preset "$preset" \
+            --device cuda --dtype bf16 --batch "$batch" --context 1024 --steps 16 \
+            --router-bias 0.4 --sync-debug
+    done
+done
+step peer 60 "$PY" -m benchmarks.peer_transformers --device cuda --dtype bf16 \
+    --batch-sizes 1 8 32 64
+"$PY" -m benchmarks.gpu_summary "$OUT"
