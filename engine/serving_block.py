@@ -65,6 +65,7 @@ class ServingBlock:
             return
         reads = [(memory.local_read, memory.local_bank), (memory.global_read, global_bank)]
         self.bank_columns = [i for i, (read, _) in enumerate(reads) if read is not None]
+        self.bank_index = torch.tensor(self.bank_columns, device=memory.norm.weight.device)
         present = [(read, bank) for read, bank in reads if read is not None]
         dtype = memory.norm.weight.dtype
         self.memory_norm = memory.norm.weight
@@ -93,7 +94,7 @@ class ServingBlock:
             probs[0] @ self.values)
         gates = gate.float() if len(self.bank_columns) == 2 else (
             gate.new_zeros(h.shape[0], 2, dtype=torch.float32).index_copy_(
-                1, torch.tensor(self.bank_columns, device=h.device), gate.float()))
+                1, self.bank_index, gate.float()))
         return h + update, gates
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -175,3 +175,12 @@ def test_static_decode_buckets_and_their_limits():
     assert static.bucket(5, 3) == (8, 4) and static.bucket(64, 16) == (64, 16)
     assert static.bucket(65, 1) is None and static.bucket(1, 17) is None
     assert not static.capture  # no graphs off CUDA
+
+
+@pytest.mark.parametrize("local, shared", [(8, 0), (0, 8), (0, 0)])
+def test_serving_block_with_one_memory_bank_or_none(local, shared):
+    """The serving block folds whichever banks exist (and none) exactly."""
+    model = make_model(seed=1, local_memory_slots=local, global_memory_slots=shared)
+    llm = LLM(model, num_kv_blocks=64, block_size=4)
+    check_against_reference(model, llm, random_prompts(3, seed=1), mixed_params(3),
+                            LogitRecorder(llm))
