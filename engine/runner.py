@@ -90,6 +90,9 @@ class ModelRunner:
             self.static = StaticDecode(self._static_forward, max_num_seqs, width,
                                        cfg.max_loops, block_size, num_blocks, model.device,
                                        capture=True)
+            if self.static.capture:
+                with torch.inference_mode():
+                    self.static.capture_all()  # at start-up, not in the first requests
 
     @staticmethod
     def kv_bytes_per_token(model: LoopLM) -> int:
