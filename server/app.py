@@ -25,7 +25,7 @@ from server import routes_chat, routes_completions, routes_misc
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from server.openapi import ModelLimits, install_openapi
+from server.openapi import RequestLimits, install_openapi
 from server.routes_misc import server_version
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -90,9 +90,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     return app
 
 
-def _limits(state: ServerState, settings: ServerSettings) -> ModelLimits:
+def _limits(state: ServerState, settings: ServerSettings) -> RequestLimits:
     processor = state.processor
-    return ModelLimits(max_model_len=processor.max_model_len,
-                       vocab_size=processor.model_config.vocab_size,
-                       max_loops=processor.model_config.max_loops,
-                       max_n=min(MAX_N, processor.max_num_seqs), api_keys=bool(settings.api_keys))
+    return RequestLimits(max_model_len=processor.max_model_len,
+                         vocab_size=processor.model_config.vocab_size,
+                         max_loops=processor.model_config.max_loops,
+                         max_n=min(MAX_N, processor.max_num_seqs),
+                         max_prompts=settings.max_prompts, api_keys=bool(settings.api_keys),
+                         model_name=state.model_name)

@@ -37,6 +37,7 @@ ERROR_TYPES = {
 RETRY_AFTER_SECONDS = 1  # what a 429 tells the client to wait
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first" (never sent)
+FASTAPI_BODY_ERROR = "There was an error parsing the body"  # e.g. a body that is not UTF-8
 
 
 class ClientDisconnected(Exception):
@@ -107,6 +108,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 
 def http_error(exc: StarletteHTTPException) -> APIError:
+    if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+        return APIError(400, "the request body is not valid JSON: it must be a UTF-8 JSON "
+                             "object, sent with 'Content-Type: application/json'")
     if exc.status_code == 404:
         return APIError(404, "no such route; see /v1/models, /v1/completions, "
                              "/v1/chat/completions, /health, /metrics", code="route_not_found")

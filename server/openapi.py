@@ -4,8 +4,9 @@
   FastAPI's 422; 401 when API keys are set; 404, 413, 429, 503, 504 where they can occur);
 - `stream: true` answers `text/event-stream`, each event a `data:` line holding a
   CompletionChunk or ChatCompletionChunk and the last one `data: [DONE]`;
-- request bounds that depend on the served model (context length, vocabulary, loops,
-  the engine's max_num_seqs) are filled into the schemas server/schemas.py writes.
+- request bounds that depend on the served model and the server's settings (context
+  length, vocabulary, loops, the engine's max_num_seqs, --max-prompts) are filled into the
+  schemas server/schemas.py writes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ERROR_DESCRIPTIONS = {
 }
 SSE_DESCRIPTION = ("With stream: true, server-sent events: `data: <chunk JSON>` per event "
                    "(the {chunk} schema), the usage chunk when stream_options.include_usage, "
-                   "and `data: [DONE]` last.")
+                   "an error object if the request fails midway, and `data: [DONE]` last.")
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -41,10 +42,17 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _sse(chunk: str) -> dict[int | str, dict[str, Any]]:
+    """The stream's media type; before OpenAPI 3.2 (`itemSchema`) its schema is one event's."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    data = {"anyOf": [{"const": "[DONE]"},
+                      {"type": "string", "contentMediaType": "application/json",
+                       "contentSchema": payload}]}
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": data, "event": {"const": "message"}},
+             "description": SSE_DESCRIPTION.format(chunk=chunk)}
     return {200: {"description": "The completion (JSON), or its stream (SSE)",
-                  "content": {"text/event-stream": {
-                      "schema": {"type": "string",
-                                 "description": SSE_DESCRIPTION.format(chunk=chunk)}}}}}
+                  "content": {"text/event-stream": {"schema": event}}}}
 
 
 GENERATION_RESPONSES = {**error_responses(400, 404, 413, 429, 503, 504)}
@@ -53,14 +61,16 @@ CHAT_RESPONSES = {**_sse("ChatCompletionChunk"), **GENERATION_RESPONSES}
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelLimits:
-    """The served model's bounds on requests."""
+class RequestLimits:
+    """The served model's and the server's bounds on requests."""
 
     max_model_len: int
     vocab_size: int
     max_loops: int
     max_n: int
+    max_prompts: int  # of one /v1/completions request
     api_keys: bool  # 401 is possible
+    model_name: str  # the one model `model` may name
 
 
 def _integer_schemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -78,6 +88,27 @@ def _set_maximum(schemas: dict[str, Any], model: str, field: str, maximum: int) 
         target["maximum"] = min(maximum, target.get("maximum", maximum))
 
 
+def numbers_up_to(limit: int) -> str:
+    """A regex of the decimal numbers 0..limit, written without leading zeros."""
+    digits = str(limit)
+    if len(digits) == 1:
+        return f"^[0-{limit}]$"
+    options = ["[0-9]"] + [f"[1-9][0-9]{{{n - 1}}}" for n in range(2, len(digits))]
+    for i, digit in enumerate(digits):  # below the limit from digit i on
+        low = 1 if i == 0 else 0
+        if int(digit) > low:
+            options.append(f"{digits[:i]}[{low}-{int(digit) - 1}][0-9]{{{len(digits) - i - 1}}}")
+    return "^(" + "|".join([*options, digits]) + ")$"
+
+
+def _string_branch(prop: dict[str, Any]) -> dict[str, Any]:
+    return next(b for b in [prop, *prop.get("anyOf", [])] if b.get("type") == "string")
+
+
+def _object_branch(prop: dict[str, Any]) -> dict[str, Any]:
+    return next(b for b in [prop, *prop.get("anyOf", [])] if b.get("type") == "object")
+
+
 def _token_id_schemas(node: Any) -> Iterator[dict[str, Any]]:
     """Every token-id schema inside a prompt's anyOf (integers with minimum 0)."""
     if isinstance(node, dict):
@@ -90,7 +121,7 @@ def _token_id_schemas(node: Any) -> Iterator[dict[str, Any]]:
             yield from _token_id_schemas(value)
 
 
-def _model_bounds(schemas: dict[str, Any], limits: ModelLimits) -> None:
+def _model_bounds(schemas: dict[str, Any], limits: RequestLimits) -> None:
     last_id = limits.vocab_size - 1
     for model in ("CompletionRequest", "ChatCompletionRequest"):
         fields = {"max_tokens": limits.max_model_len, "min_tokens": limits.max_model_len,
@@ -98,12 +129,18 @@ def _model_bounds(schemas: dict[str, Any], limits: ModelLimits) -> None:
                   "stop_token_ids": last_id}
         if model == "ChatCompletionRequest":
             fields["max_completion_tokens"] = limits.max_model_len
-        else:
-            fields["best_of"] = limits.max_n
         for field, maximum in fields.items():
             _set_maximum(schemas, model, field, maximum)
-    for node in _token_id_schemas(schemas["CompletionRequest"]["properties"]["prompt"]):
+        props = schemas[model]["properties"]
+        _string_branch(props["model"])["enum"] = [limits.model_name]
+        _object_branch(props["logit_bias"])["propertyNames"] = {
+            "type": "string", "pattern": numbers_up_to(last_id)}
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]
+    for node in _token_id_schemas(prompt):
         node["maximum"] = last_id
+    for branch in prompt["anyOf"]:  # several prompts: strings or token-id lists
+        if branch.get("type") == "array" and branch["items"].get("type") != "integer":
+            branch["maxItems"] = limits.max_prompts
     _set_maximum(schemas, "DetokenizeRequest", "tokens", last_id)
 
 
@@ -116,7 +153,7 @@ def _chunk_schemas(schemas: dict[str, Any]) -> None:
         schemas[model.__name__] = schema
 
 
-def _error_statuses(path: str, method: str, operation: dict[str, Any], limits: ModelLimits
+def _error_statuses(path: str, method: str, operation: dict[str, Any], limits: RequestLimits
                     ) -> list[int]:
     statuses = []
     if limits.api_keys and path not in ("/health", "/metrics"):
@@ -132,7 +169,13 @@ def _error_statuses(path: str, method: str, operation: dict[str, Any], limits: M
     return statuses
 
 
-def _errors(openapi: dict[str, Any], limits: ModelLimits) -> None:
+def _model_path(openapi: dict[str, Any], limits: RequestLimits) -> None:
+    for parameter in openapi["paths"]["/v1/models/{model}"]["get"]["parameters"]:
+        if parameter["name"] == "model":
+            parameter["schema"]["enum"] = [limits.model_name]
+
+
+def _errors(openapi: dict[str, Any], limits: RequestLimits) -> None:
     """400 instead of 422 everywhere, and each route's other error statuses."""
     ref = {"$ref": "#/components/schemas/ErrorResponse"}
     for path, operations in openapi["paths"].items():
@@ -155,7 +198,7 @@ def _metrics(openapi: dict[str, Any]) -> None:
         "text/plain": text, "application/openmetrics-text": text}
 
 
-def install_openapi(app: FastAPI, limits: ModelLimits) -> None:
+def install_openapi(app: FastAPI, limits: RequestLimits) -> None:
     """Serve the document above (built once, on the first request for it)."""
     build: Callable[[], dict[str, Any]] = app.openapi
 
@@ -165,6 +208,7 @@ def install_openapi(app: FastAPI, limits: ModelLimits) -> None:
             schemas = document["components"]["schemas"]
             _model_bounds(schemas, limits)
             _chunk_schemas(schemas)
+            _model_path(document, limits)
             _errors(document, limits)
             _metrics(document)
         return app.openapi_schema

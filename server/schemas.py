@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic.json_schema import SkipJsonSchema
 
 from engine.sampling_params import MAX_LOGPROBS, MAX_N, MAX_SEED, MAX_STOP_STRINGS
 
@@ -38,15 +39,24 @@ def _whole_number(value: object) -> object:
     return value
 
 
+def _token_id(value: object) -> object:
+    """A token id as an int (a whole-number float is one); anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _check_prompt(value: object) -> object:
     """str | list[str] | list[int] | list[list[int]], with one message for all four."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        if all(isinstance(p, str) for p in value) or all(_is_int(t) for t in value):
+        if all(isinstance(p, str) for p in value):
             return value
-        if all(isinstance(p, list) and all(_is_int(t) for t in p) for p in value):
-            return value
+        ids = [_token_id(t) for t in value]
+        if all(_is_int(t) for t in ids):
+            return ids
+        lists = [[_token_id(t) for t in p] if isinstance(p, list) else p for p in value]
+        if all(isinstance(p, list) and all(_is_int(t) for t in p) for p in lists):
+            return lists
     raise ValueError("prompt must be a string, a list of strings, a list of token ids or a "
                      "list of token-id lists")
 
@@ -138,13 +148,14 @@ class CompletionRequest(SamplingRequest):
     max_tokens: Whole(ge=0) | None = 16  # 0: score the prompt only (echo with logprobs)
     echo: bool = False
     logprobs: Whole(ge=0, le=MAX_LOGPROBS) | None = None
-    best_of: Whole(ge=1, le=MAX_N) | None = None  # accepted only when equal to n
-    suffix: str | None = None  # not supported: 400 when set
+    # accepted only when equal to n, so left out of the document (no schema can say that)
+    best_of: SkipJsonSchema[Whole(ge=1, le=MAX_N) | None] = None
+    suffix: SkipJsonSchema[str | None] = None  # not supported: 400 when set (undocumented)
 
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: ContentInput = None
+    content: ContentInput
     name: str | None = None
 
 
