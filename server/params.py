@@ -36,6 +36,15 @@ def _reject_unsupported(body: SamplingRequest) -> None:
                                       param="top_logprobs")
 
 
+def check_priority(body: SamplingRequest, scheduling_policy: str) -> None:
+    """A priority means something only under the priority policy (vLLM rejects it too)."""
+    if body.priority and scheduling_policy != "priority":
+        raise InvalidRequestError(
+            f"priority {body.priority} needs the server to run with --scheduling-policy "
+            f"priority (it runs {scheduling_policy}); leave priority out or at 0",
+            param="priority")
+
+
 def _value(value, default):
     return default if value is None else value
 

@@ -16,7 +16,7 @@ from engine.request import CompletionOutput
 from server.formatting import chat_logprobs, prompt_logprobs, usage
 from server.generation import Generation
 from server.openapi import CHAT_RESPONSES
-from server.params import chat_inputs, check_model
+from server.params import chat_inputs, check_model, check_priority
 from server.responding import Choice, respond
 from server.schemas import ChatCompletionRequest, ChatCompletionResponse
 from server.state import ServerState, server_state
@@ -80,6 +80,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = server_state(request)
     with state.counting_invalid():
         check_model(body.model, state.model_name)
+        check_priority(body, state.engine.engine.config.scheduling_policy)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         prepared = chat_inputs(body, state.processor, response_id)
     gen = state.generation(request, [prepared])

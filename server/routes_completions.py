@@ -16,7 +16,7 @@ from model.tokenizer import Tokenizer
 from server.formatting import CompletionLogprobs, TextOffsets, prompt_logprobs, usage
 from server.generation import Generation
 from server.openapi import COMPLETION_RESPONSES
-from server.params import check_model, completion_inputs, prompt_list
+from server.params import check_model, check_priority, completion_inputs, prompt_list
 from server.responding import Choice, respond
 from server.schemas import CompletionRequest, CompletionResponse
 from server.state import ServerState, server_state
@@ -104,6 +104,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = server_state(request)
     with state.counting_invalid():
         check_model(body.model, state.model_name)
+        check_priority(body, state.engine.engine.config.scheduling_policy)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         prepared = completion_inputs(body, state.processor, state.settings.max_prompts,
                                      response_id)

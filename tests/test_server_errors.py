@@ -100,6 +100,8 @@ BAD_INPUTS = [
      "min_tokens"),
     ("priority not an integer", C, {"prompt": "x", "priority": "high"}, 400, INVALID,
      "priority"),
+    ("priority under fcfs scheduling", CHAT, {"messages": USER, "priority": 2}, 400, INVALID,
+     "priority"),
     ("prompt_logprobs 21", C, {"prompt": "x", "prompt_logprobs": 21}, 400, INVALID,
      "prompt_logprobs"),
     ("prompt_logprobs negative", CHAT, {"messages": USER, "prompt_logprobs": -1}, 400, INVALID,

@@ -11,7 +11,7 @@ import pytest
 from model.tokenizer import ByteTokenizer
 from server.params import sampling_params
 from server.schemas import ChatCompletionRequest, CompletionRequest
-from tests.server_helpers import LiveServer, make_checkpoint
+from tests.server_helpers import LiveServer, engine_config, make_checkpoint
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
@@ -95,6 +95,14 @@ def test_vllm_fields_reach_the_sampling_params():
     chat = ChatCompletionRequest.model_validate({"messages": USER, "priority": 1.0})
     assert sampling_params(chat, 4, None).prompt_logprobs is None
     assert sampling_params(chat, 4, None).priority == 1
+
+
+def test_priority_is_served_under_the_priority_policy(checkpoint):
+    with LiveServer(checkpoint, engine_config(scheduling_policy="priority")) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as http:
+        for priority in (-5, 0, 7.0):
+            response = http.post(C, json={"prompt": "x", "max_tokens": 2, "priority": priority})
+            assert response.status_code == 200, response.text
 
 
 def test_cached_tokens_in_usage(http):
