@@ -5,6 +5,8 @@ routers scrape, and an OpenAPI document that says what the server does."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -170,3 +172,35 @@ def test_openapi_says_what_the_server_does(http):
     assert "CompletionChunk" in schemas and "ValidationError" not in schemas
     assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {
         "text/plain", "application/openmetrics-text"}
+
+
+def test_tokenizer_info_of_a_hugging_face_checkpoint(tmp_path):
+    """A checkpoint with its own tokenizer.json: the info names its tokens and renders its
+    role markers, and the template's text tokenizes to the server's chat ids."""
+    import jinja2
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from model.config import ModelConfig
+    from model.tokenizer import load_tokenizer
+    from server.routes_misc import tokenizer_info
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "[SYS]", "[USER]", "[BOT]"]
+    hf.train_from_iterator(["what is 1+2", "the capital"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    markers = {"system": "[SYS]", "user": "[USER]", "assistant": "[BOT]"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"role_markers": markers}))
+    tok = load_tokenizer(tmp_path, ModelConfig(vocab_size=hf.get_vocab_size(), tokenizer="hf",
+                                               pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    info = tokenizer_info(tok, 128)
+    assert (info["bos_token"], info["eos_token"], info["model_max_length"]) == ("<s>", "</s>",
+                                                                               128)
+    messages = [{"role": "user", "content": "what is 1+2"}]
+    text = jinja2.Template(info["chat_template"]).render(messages=messages,
+                                                         add_generation_prompt=True)
+    assert text == "<s>[USER]what is 1+2</s>[BOT]"
+    assert tok.encode_special_names(text) == tok.apply_chat_template(messages)
