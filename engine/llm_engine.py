@@ -29,7 +29,7 @@ from engine.output_processor import (
 )
 from engine.prompt_logprobs import ChunkRows, record_prompt_logprobs
 from engine.request import Request, RequestOutput
-from engine.runner import ModelRunner, StepInput, StepOutput
+from engine.runner import DeviceStepOutput, ModelRunner, StepInput, StepOutput
 from engine.sampler import Sampler
 from engine.sampling_batch import take_rows
 from engine.sampling_params import SamplingParams
@@ -214,13 +214,18 @@ class LLMEngine:
         return step_input, chunks
 
     def _postprocess(self, schedule: SchedulerOutput, chunks: list[ScheduledChunk],
-                     step_input: StepInput, result: StepOutput) -> list[RequestOutput]:
+                     step_input: StepInput, device_out: DeviceStepOutput
+                     ) -> list[RequestOutput]:
         layout = [ChunkRows.of(c) for c in chunks]  # the logits rows, as `_pack` asked
         self.scheduler.advance(schedule)
+        rows, sampling, forks, scored_only = self._sampling_rows(chunks, layout)
+        draw = (self.sampler.sample(take_rows(device_out.logits, rows), sampling)
+                if sampling else None)
+        # the step's one read-back: depths, gate means, sampled ids and their logprobs
+        result, table = self.runner.fetch(device_out, draw.table if draw else None)
+        sampled = draw.result(table) if draw else None
         self._account_compute(chunks, step_input, result)
         self._record_prompt_logprobs(chunks, layout, result.logits)
-        rows, sampling, forks, scored_only = self._sampling_rows(chunks, layout)
-        sampled = self.sampler(take_rows(result.logits, rows), sampling) if sampling else None
         touched: dict[str, None] = {}
         for row, request in enumerate(sampling):
             append_token(request, sampled.token_ids[row], sampled.logprobs[row])

@@ -57,6 +57,16 @@ class StepInput:
 
 
 @dataclasses.dataclass
+class DeviceStepOutput:
+    """A step's results still on the device; `ModelRunner.fetch` reads them back."""
+
+    logits: torch.Tensor  # [S, V] fp32, rows as in StepInput.sample_rows
+    depths: torch.Tensor  # [T, L] long
+    gates: torch.Tensor  # [T, L, 2] fp32
+    num_steps: int  # loop steps the layers ran
+
+
+@dataclasses.dataclass
 class StepOutput:
     logits: torch.Tensor  # [S, V] fp32, rows as in StepInput.sample_rows
     depths: torch.Tensor  # [T, L] long on CPU
@@ -118,7 +128,7 @@ class ModelRunner:
             outputs = self.static.run({**uploaded, "halt_below": every_step},
                                       len(step.token_ids), uploaded["decode_blocks"].shape[1])
             if outputs is not None:
-                return self._fetch(*outputs, self.config.max_loops)
+                return DeviceStepOutput(*outputs, self.config.max_loops)
         h = self.model.embed(uploaded["token_ids"])
         num_steps = self.config.max_loops if self.max_depth else max(step.max_loops)
         depths, gate_means = [], []
@@ -128,8 +138,8 @@ class ModelRunner:
             depths.append(layer.depth)
             gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
         logits = self.model.logits(h[uploaded["sample_rows"]])
-        return self._fetch(logits, torch.stack(depths, -1), torch.stack(gate_means, -2),
-                           num_steps)
+        return DeviceStepOutput(logits, torch.stack(depths, -1), torch.stack(gate_means, -2),
+                                num_steps)
 
     def _fits_static(self, step: StepInput) -> bool:
         """Decodes only, each asking for its next token alone."""
@@ -155,21 +165,26 @@ class ModelRunner:
             gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
         return self.model.logits(h), torch.stack(depths, -1), torch.stack(gate_means, -2)
 
-    def _fetch(self, logits: torch.Tensor, depths: torch.Tensor, gates: torch.Tensor,
-               num_steps: int) -> StepOutput:
-        """Depths [T, L] and gates [T, L, 2] to the host in one copy; the active tokens of
-        each (layer, step) are those whose depth reaches the step."""
-        total, layers = depths.shape
-        packed = torch.cat((depths.flatten().float(), gates.flatten().float())).cpu()
+    def fetch(self, out: DeviceStepOutput, extra: torch.Tensor | None = None
+              ) -> tuple[StepOutput, torch.Tensor | None]:
+        """Depths [T, L], gates [T, L, 2] and `extra` (the sampler's table) to the host in
+        one copy; the active tokens of each (layer, step) are those whose depth reaches
+        the step. Returns the host step output and the host copy of `extra`."""
+        total, layers = out.depths.shape
+        parts = [out.depths.flatten().double(), out.gates.flatten().double()]
+        if extra is not None:
+            parts.append(extra.flatten().double())
+        packed = torch.cat(parts).cpu()
         host_depths = packed[:total * layers].long().view(total, layers)
-        host_gates = packed[total * layers:].view(total, layers, 2)
-        steps = torch.arange(1, num_steps + 1)
+        host_gates = packed[total * layers:total * layers * 3].float().view(total, layers, 2)
+        host_extra = packed[total * layers * 3:].view(extra.shape) if extra is not None else None
+        steps = torch.arange(1, out.num_steps + 1)
         host_counts = (host_depths.t()[:, :, None] >= steps).sum(1).tolist()  # [L][n]
         self.policy.observe(host_counts, total)
         calls = [(layer, t + 1, count) for layer, row in enumerate(host_counts)
                  for t, count in enumerate(row) if count]
-        return StepOutput(logits=logits, depths=host_depths, gates=host_gates,
-                          active_per_call=calls)
+        return StepOutput(logits=out.logits, depths=host_depths, gates=host_gates,
+                          active_per_call=calls), host_extra
 
     def _step_tokens(self, step: StepInput) -> tuple[StepTokens, dict[str, torch.Tensor]]:
         """Every input of the step in one upload, and the per-token views layers share."""

@@ -26,6 +26,22 @@ from engine.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass
+class DeviceSample:
+    """A step's draw still on the device: `table` [S, 1] token ids, or [S, 2 + 2k] with
+    their logprobs and the top k (`logprob_table`), for the engine's one read-back."""
+
+    table: torch.Tensor
+    counts: list[int | None]  # logprobs asked per row
+
+    def result(self, host_table: torch.Tensor) -> SampleResult:
+        """The host copy of `table` -> tokens and logprob entries."""
+        if all(c is None for c in self.counts):
+            return SampleResult(host_table[:, 0].long().tolist(), [None] * len(self.counts))
+        rows = host_table.tolist()
+        return SampleResult([int(row[0]) for row in rows], logprob_entries(rows, self.counts))
+
+
+@dataclasses.dataclass
 class SampleResult:
     """What the host gets back from one call: a token and its logprob entry per row."""
 
@@ -45,7 +61,14 @@ class Sampler:
         return self._generators[device]
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-        """logits [S, V] (any float dtype, any device), one row per request."""
+        """logits [S, V] (any float dtype, any device), one row per request; the result
+        comes back in one device-to-host copy."""
+        sample = self.sample(logits, requests)
+        return sample.result(sample.table.cpu())
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> DeviceSample:
+        """The draw, left on the device (the engine reads it back with the step's other
+        results in one copy)."""
         raw = logits.float()
         adjusted = raw  # [S, V]
         if any(adjusts(r) for r in requests):
@@ -53,7 +76,7 @@ class Sampler:
         tokens = adjusted.argmax(dim=-1)  # [S]: the greedy choice
         if not all(r.params.greedy for r in requests):
             tokens = self._draw(adjusted, requests, tokens)
-        return _read_back(raw, tokens, requests)
+        return _table(raw, tokens, requests)
 
     def _draw(self, logits: torch.Tensor, requests: list[Request], greedy_tokens: torch.Tensor
               ) -> torch.Tensor:
@@ -91,15 +114,13 @@ class Sampler:
         return noise
 
 
-def _read_back(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]
-               ) -> SampleResult:
-    """The sampled ids and the requested logprobs, in one device-to-host copy."""
+def _table(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> DeviceSample:
+    """The sampled ids and, if any row asks, their logprobs: one tensor to read back."""
     counts = [r.params.logprobs for r in requests]
     wanted = [c for c in counts if c is not None]
     if not wanted:
-        return SampleResult(tokens.tolist(), [None] * len(requests))
-    table = logprob_table(raw, tokens, max(wanted)).tolist()
-    return SampleResult([int(row[0]) for row in table], logprob_entries(table, counts))
+        return DeviceSample(tokens.unsqueeze(1).double(), counts)
+    return DeviceSample(logprob_table(raw, tokens, max(wanted)), counts)
 
 
 def apply_penalties(logits: torch.Tensor, request: Request) -> None:

@@ -104,6 +104,7 @@ class FlopTable:
         self.cumulative_matmul = torch.tensor(cumulative, dtype=torch.float64)  # [N + 1]
         self.per_key = float(attention_flops(cfg, 1))
         self.head = float(lm_head_flops(cfg))
+        self.max_depth_matmul = float(cumulative[-1]) * cfg.n_layers  # per token at depth N
 
     def trunk(self, depths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """FLOPs of tokens that ran depths [n, L] at positions [n] (context = position + 1)."""
@@ -114,5 +115,5 @@ class FlopTable:
     def trunk_max_depth(self, positions: torch.Tensor) -> torch.Tensor:
         """FLOPs the same tokens would cost at full depth N in every layer."""
         cfg = self.cfg
-        matmul = float(self.cumulative_matmul[-1]) * cfg.n_layers
-        return matmul + self.per_key * (positions.double() + 1) * cfg.n_layers * cfg.max_loops
+        keys = (positions.double() + 1) * cfg.n_layers * cfg.max_loops
+        return self.max_depth_matmul + self.per_key * keys

@@ -88,10 +88,10 @@ class LogitRecorder:
         self._sampler = llm.engine.sampler
         llm.engine.sampler = self
 
-    def __call__(self, logits, requests):
+    def sample(self, logits, requests):
         for row, request in enumerate(requests):
-            self.by_parent.setdefault(request.parent_id, []).append(logits[row].clone())
-        return self._sampler(logits, requests)
+            self.by_parent.setdefault(request.parent_id, []).append(logits[row].cpu())
+        return self._sampler.sample(logits, requests)
 
 
 def check_against_reference(model: LoopLM, llm: LLM, prompts, params_list,

@@ -128,7 +128,7 @@ def test_a_masked_decode_step_syncs_once_and_launches_few_kernels_per_loop_step(
 
     runner._run_layer = counted_layer
     with OpCounter() as counter:
-        runner.run(engine._pack(engine.scheduler.schedule())[0])
+        runner.fetch(runner.run(engine._pack(engine.scheduler.schedule())[0]))
     calls = model.config.n_layers * model.config.max_loops
     assert counter.syncs == 1 and counter.uploads == 1, counter.by_op
     assert sum(c.syncs for c in in_layers) == 0
@@ -184,3 +184,21 @@ def test_serving_block_with_one_memory_bank_or_none(local, shared):
     llm = LLM(model, num_kv_blocks=64, block_size=4)
     check_against_reference(model, llm, random_prompts(3, seed=1), mixed_params(3),
                             LogitRecorder(llm))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=20, **GREEDY),
+    SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=3, logprobs=2,
+                   ignore_eos=True)])
+def test_a_whole_decode_step_reads_back_once(model, params):
+    """Sampled ids, their logprobs, depths and gate means: one device-to-host copy."""
+    from benchmarks.op_counts import OpCounter
+
+    llm = engine_with(model, "masked", num_kv_blocks=128)
+    engine = llm.engine
+    for prompt in random_prompts(4, seed=9):
+        engine.add_request(engine.prepare(prompt, params))
+    engine.step()  # the prefill
+    with OpCounter() as counter:
+        engine.step()
+    assert counter.syncs == 1, counter.syncs_by_site

@@ -346,23 +346,15 @@ def test_generators_are_created_on_the_logits_device_at_first_draw():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_sampler_syncs_only_at_its_read_back(monkeypatch):
-    import engine.sampler as sampler_module
-
-    read_back = sampler_module._read_back
-
-    def unguarded(*args):
-        torch.cuda.set_sync_debug_mode("default")
-        return read_back(*args)
-
-    monkeypatch.setattr(sampler_module, "_read_back", unguarded)
     logits = torch.randn(len(MIXED), 264, generator=torch.Generator().manual_seed(7)) * 3
     on_cpu = Sampler()(logits, mixed_requests())
     requests, logits = mixed_requests(), logits.cuda()
     torch.cuda.set_sync_debug_mode("error")  # any sync before the read-back raises
     try:
-        on_cuda = Sampler()(logits, requests)
+        draw = Sampler().sample(logits, requests)  # everything but the read-back
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    on_cuda = draw.result(draw.table.cpu())
     greedy = [row for row, p in enumerate(MIXED) if p.greedy]
     assert [on_cuda.token_ids[r] for r in greedy] == [on_cpu.token_ids[r] for r in greedy]
     seeded = [r for r in requests if r.params.seed is not None and not r.params.greedy]
