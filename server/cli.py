@@ -65,8 +65,8 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
          600.0, float)
     _add(p, "--shutdown-timeout", "seconds in-flight requests may run after SIGTERM", 30.0,
          float)
-    _add(p, "--stall-timeout", "seconds without an engine step before /health fails", 60.0,
-         float)
+    _add(p, "--stall-timeout", "seconds with requests in the engine and no token computed "
+         "before /health fails", 60.0, float)
     _add(p, "--max-body-bytes", "largest request body accepted (413 above)", 1 << 20, int)
     _add(p, "--max-prompts", "most prompts in one /v1/completions request", 64, int)
     _add(p, "--allowed-origins", "comma-separated CORS origins ('*' for any; default: no CORS)",

@@ -24,7 +24,7 @@ class ServerSettings:
     max_queue: int = 256  # waiting requests before 429
     request_timeout: float = 600.0  # deadline of one request, from arrival to last token
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may still run
-    stall_timeout: float = 60.0  # /health fails when a busy engine makes no step this long
+    stall_timeout: float = 60.0  # /health fails when requests wait or run and no token comes
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_prompts: int = 64  # prompts in one /v1/completions request
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
