@@ -75,7 +75,7 @@ def _check_content(value: object) -> object:
     raise ValueError("content must be a string or a list of text parts")
 
 
-def Whole(**bounds: Any) -> Any:  # noqa: N802 - reads as a type in the models below
+def Whole(**bounds: Any) -> Any:  # a function that reads as a type in the models below
     """An integer field that also takes whole-number floats, with its documented bounds."""
     return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
 
