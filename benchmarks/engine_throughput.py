@@ -103,10 +103,10 @@ def run_once(llm: LLM, prompts: list[list[int]], params: SamplingParams, device:
     outputs = llm.generate(prompts, params)
     _sync(device)
     elapsed = time.perf_counter() - start
-    flops = sum(o.compute["flops"] for o in outputs)
+    flops = sum(o.compute.flops for o in outputs)
     return {"seconds": elapsed, "output_tokens": sum(len(o.token_ids) for o in outputs),
-            "flops": flops, "flops_max_depth": sum(o.compute["flops_max_depth"] for o in outputs),
-            "mean_loops": sum(o.compute["mean_loops_per_token"] for o in outputs) / len(outputs),
+            "flops": flops, "flops_max_depth": sum(o.compute.flops_max_depth for o in outputs),
+            "mean_loops": sum(o.compute.mean_loops_per_token for o in outputs) / len(outputs),
             "layer_step_calls": sum(calls)}
 
 

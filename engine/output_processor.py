@@ -10,9 +10,10 @@ the request's first output after its prompt is scored.
 
 from __future__ import annotations
 
+import functools
 import time
 
-from engine.compute_stats import ComputeTracker
+from engine.compute_stats import ComputeSummary
 from engine.request import CompletionOutput, Request, RequestOutput, TokenLogprob
 
 
@@ -110,10 +111,8 @@ def request_output(parent_id: str, children: list[Request], deltas: list[Complet
                            num_cached_tokens=first.num_cached_tokens,
                            prompt_logprobs=take_prompt_logprobs(first))
     if finished:
-        total = ComputeTracker(first.compute.cfg, first.compute.max_loops)
-        for child in children:
-            total.merge(child.compute)
-        output.compute = total.summary()
+        output.compute = functools.reduce(ComputeSummary.merge,
+                                          (child.compute.summary() for child in children))
         output.metrics = {
             "arrival_time": first.arrival_time,
             "first_scheduled_time": min((c.first_scheduled_time for c in children

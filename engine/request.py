@@ -14,7 +14,7 @@ import time
 import torch
 
 from engine.block_hash import BlockHash, extend_hashes
-from engine.compute_stats import ComputeTracker
+from engine.compute_stats import ComputeSummary, ComputeTracker
 from engine.sampling_params import SamplingParams
 from model.tokenizer import StreamDecoder
 
@@ -147,7 +147,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    compute: dict | None = None  # DESIGN section 6, set when finished
+    compute: ComputeSummary | None = None  # DESIGN section 6, set when finished
     num_cached_tokens: int = 0
     metrics: dict | None = None  # arrival, first token, finish times (seconds, monotonic)
     # one entry per prompt token, entry 0 None (as vLLM); in the first delta only

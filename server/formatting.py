@@ -6,8 +6,10 @@ and the access log's fields. Everything here is counted from the engine's output
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+from engine.compute_stats import ComputeSummary
 from engine.request import TokenLogprob
 from model.tokenizer import Tokenizer
 from server.generation import PromptTally
@@ -124,34 +126,10 @@ def usage(tallies: list[PromptTally]) -> dict[str, Any]:
         "prompt_tokens": prompt_tokens, "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": sum(t.cached_tokens for t in tallies)}}
-    done = [t for t in tallies if t.compute]
-    if done:
-        result["compute"] = merge_compute([t.compute for t in done],
-                                          [t.computed_tokens for t in done])
+    done = [t.compute for t in tallies if t.compute is not None]
+    if done:  # exact: the engine's raw sums add
+        result["compute"] = functools.reduce(ComputeSummary.merge, done).as_dict()
     return result
-
-
-def merge_compute(computes: list[dict], weights: list[int]) -> dict[str, Any]:
-    """One prompt: its compute as is. Several: FLOPs summed, per-token means weighted by each
-    prompt's computed tokens (prompt minus cached, plus generated; an approximation until
-    the engine hands out the raw sums)."""
-    if len(computes) == 1:
-        return computes[0]
-    total = sum(weights) or 1
-
-    def mean(key: str) -> list[float]:
-        layers = len(computes[0][key])
-        return [sum(c[key][i] * w for c, w in zip(computes, weights, strict=True)) / total
-                for i in range(layers)]
-
-    flops = sum(c["flops"] for c in computes)
-    flops_max = sum(c["flops_max_depth"] for c in computes)
-    loops = mean("loops_per_layer")
-    return {"max_loops": max(c["max_loops"] for c in computes),
-            "mean_loops_per_token": sum(loops) / len(loops), "loops_per_layer": loops,
-            "memory_gate_per_layer": mean("memory_gate_per_layer"), "flops": flops,
-            "flops_max_depth": flops_max,
-            "compute_saved": 1.0 - flops / flops_max if flops_max else 0.0}
 
 
 def log_fields(response_id: str, usage_: dict[str, Any], reasons: list[str | None]

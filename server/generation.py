@@ -19,6 +19,7 @@ import anyio
 from starlette.requests import Request
 
 from engine.async_engine import AsyncEngine
+from engine.compute_stats import ComputeSummary
 from engine.errors import LoopServeError
 from engine.input_processor import PreparedRequest
 from engine.request import RequestOutput
@@ -56,7 +57,7 @@ class PromptTally:
     prompt_tokens: int
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     choice_tokens: dict[int, int] = dataclasses.field(default_factory=dict)  # index -> count
-    compute: dict | None = None  # the engine's summary, when the prompt finished
+    compute: ComputeSummary | None = None  # the engine's summary, when the prompt finished
     prompt_logprobs: list | None = None  # list[TokenLogprob | None], entry 0 None
 
     def add(self, delta: RequestOutput) -> None:
@@ -72,10 +73,6 @@ class PromptTally:
     def completion_tokens(self) -> int:
         return sum(self.choice_tokens.values())
 
-    @property
-    def computed_tokens(self) -> int:
-        """Tokens the engine ran for this prompt (its weight when computes are merged)."""
-        return self.prompt_tokens - self.cached_tokens + self.completion_tokens
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -273,9 +273,9 @@ class RequestObserver:
         m.request_generation_tokens.observe(
             sum(tokens for _, tokens in self.finished_choices.values()), ex)
         if final.compute:
-            m.mean_loops.observe(final.compute["mean_loops_per_token"], ex)
-            m.compute_saved.observe(final.compute["compute_saved"], ex)
-            m.flops.observe(final.compute["flops"], ex)
+            m.mean_loops.observe(final.compute.mean_loops_per_token, ex)
+            m.compute_saved.observe(final.compute.compute_saved, ex)
+            m.flops.observe(final.compute.flops, ex)
         m._labels(m.success, reason).inc()
 
     def fail(self, reason: str) -> None:

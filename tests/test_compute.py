@@ -67,3 +67,28 @@ def test_token_flops_add_up():
     full = token_flops(cfg, [3, 3], 10, with_logits=True)
     assert full == 2 * layer_flops(cfg, 3, 10) + lm_head_flops(cfg)
     assert token_flops(cfg, [1, 2], 10, with_logits=False) < full
+
+
+def test_compute_summaries_merge_exactly_from_raw_sums():
+    from engine.compute_stats import ComputeSummary
+
+    a = ComputeSummary(3, 10, (20.0, 10.0), (5.0, 1.0), 600.0, 1000.0)
+    b = ComputeSummary(2, 30, (30.0, 30.0), (3.0, 3.0), 400.0, 1000.0)
+    merged = a.merge(b)
+    assert merged.tokens == 40 and merged.max_loops == 3
+    assert merged.loops_per_layer == [50 / 40, 40 / 40]  # not the mean of the two means
+    assert merged.memory_gate_per_layer == [8 / 40, 4 / 40]
+    assert merged.compute_saved == 1 - 1000 / 2000
+    assert merged.as_dict()["flops"] == 1000
+    assert a.merge(b) == b.merge(a)
+
+
+def test_the_choices_of_a_request_merge_into_its_compute(tiny_model):
+    from engine import LLM, SamplingParams
+
+    llm = LLM(tiny_model, num_kv_blocks=64, block_size=4)
+    out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=4, n=3, temperature=0.9,
+                                                         seed=1, ignore_eos=True))[0]
+    # the prompt once (5 tokens) and each choice's 3 decoded tokens after its first
+    assert out.compute.tokens == 5 + 3 * 3
+    assert out.compute.flops <= out.compute.flops_max_depth

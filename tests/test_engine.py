@@ -68,8 +68,8 @@ def test_max_depth_mode_equals_exact_reference(model):
     params = [SamplingParams(max_tokens=4, **GREEDY)] * 4
     check_against_reference(model, llm, prompts, params)
     outs = llm.generate(prompts, params)
-    assert all(o.compute["compute_saved"] == 0.0 for o in outs)
-    assert all(o.compute["mean_loops_per_token"] == model.config.max_loops for o in outs)
+    assert all(o.compute.compute_saved == 0.0 for o in outs)
+    assert all(o.compute.mean_loops_per_token == model.config.max_loops for o in outs)
 
 
 def test_batch_invariance(model):
@@ -87,14 +87,14 @@ def test_compute_statistics(model):
     llm = LLM(model, num_kv_blocks=64, block_size=4, enable_prefix_caching=False)
     prompt = random_prompts(1, seed=8)[0]
     fast = llm.generate([prompt], SamplingParams(max_tokens=4, max_loops=1, **GREEDY))[0]
-    assert fast.compute["loops_per_layer"] == [1.0] * model.config.n_layers
-    assert fast.compute["compute_saved"] > 0.5
+    assert fast.compute.loops_per_layer == [1.0] * model.config.n_layers
+    assert fast.compute.compute_saved > 0.5
     full = llm.generate([prompt], SamplingParams(max_tokens=4, halt_threshold=0.0,
                                                  **GREEDY))[0]
-    assert full.compute["compute_saved"] == pytest.approx(0.0, abs=1e-12)
-    assert full.compute["flops"] == full.compute["flops_max_depth"]
-    assert fast.compute["flops_max_depth"] == full.compute["flops_max_depth"]
-    gates = full.compute["memory_gate_per_layer"]
+    assert full.compute.compute_saved == pytest.approx(0.0, abs=1e-12)
+    assert full.compute.flops == full.compute.flops_max_depth
+    assert fast.compute.flops_max_depth == full.compute.flops_max_depth
+    gates = full.compute.memory_gate_per_layer
     assert len(gates) == model.config.n_layers and all(0 < g < 1 for g in gates)
 
 
@@ -141,7 +141,7 @@ def test_bf16_engine_runs_and_keeps_blocks_consistent(tmp_path):
     assert llm.engine.runner.kv_caches[0].dtype == torch.bfloat16
     outs = llm.generate(random_prompts(3, seed=10), mixed_params(3))
     assert all(len(o.token_ids) == 6 for o in outs)
-    assert all(0.0 <= o.compute["compute_saved"] < 1.0 for o in outs)
+    assert all(0.0 <= o.compute.compute_saved < 1.0 for o in outs)
     llm.engine.block_manager.check_integrity()
 
 

@@ -84,7 +84,7 @@ def test_n_choices_compute_the_prompt_once_and_equal_separate_seeded_requests(mo
         for i in range(4)])
     assert [c.token_ids for c in together.outputs] == [o.token_ids for o in separate]
     assert len({tuple(c.token_ids) for c in together.outputs}) > 1  # they really differ
-    assert together.compute["flops"] < sum(o.compute["flops"] for o in separate)
+    assert together.compute.flops < sum(o.compute.flops for o in separate)
 
 
 def test_n_choices_fork_without_prefix_caching_and_under_pressure(model):

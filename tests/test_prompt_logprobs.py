@@ -143,7 +143,7 @@ def test_max_tokens_zero_scores_the_prompt_only(model, n):
         assert [o.index for o in out.outputs] == list(range(n))
         assert all(o.token_ids == [] and o.text == "" and o.finish_reason == "length"
                    for o in out.outputs)
-        assert out.finished and out.compute["flops"] > 0
+        assert out.finished and out.compute.flops > 0
     assert llm.engine.block_manager.usage() == 0.0
 
 
@@ -183,5 +183,5 @@ def test_scored_rows_are_counted_as_lm_head_compute(model):
     scored = llm.generate([prompt], SamplingParams(max_tokens=2, prompt_logprobs=0,
                                                    **GREEDY))[0]
     head = llm.engine.flop_table.head
-    extra = scored.compute["flops"] - plain.compute["flops"]
+    extra = scored.compute.flops - plain.compute.flops
     assert extra == pytest.approx(head * (len(prompt) - 1), abs=2)

@@ -73,7 +73,7 @@ def test_n_choices_differ_and_logprobs_are_reported():
             assert len(entry.top_logprobs) == 3
             values = [lp for _, lp in entry.top_logprobs]
             assert values == sorted(values, reverse=True)
-    assert out.compute["loops_per_layer"]
+    assert out.compute.loops_per_layer
 
 
 def test_stop_strings_are_cut_and_not_emitted():

@@ -9,7 +9,7 @@ Measures, with greedy decoding (training/decode.py):
   the fraction of problems whose two greedy outputs are identical;
 - mean loops per layer (all tokens, and the answer positions: the positions that emit the
   answer) and against difficulty; memory-gate activity per layer and bank;
-- compute saved = 1 - FLOPs / FLOPs at max depth (engine/compute.py) over what a server
+- compute saved = 1 - FLOPs / FLOPs at max depth (model/flops.py) over what a server
   would run: the prompt plus the generated tokens, logits at the positions that sample;
 - answer cross-entropy (teacher-forced) in both semantics;
 - a threshold sweep (teacher-forced exact match, which equals greedy exact match, and
