@@ -32,6 +32,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top_logprobs: list[tuple[int, float]]
+    rank: int | None = None  # 1 + how many tokens were more likely (vLLM's rank)
 
 
 @dataclasses.dataclass(eq=False)

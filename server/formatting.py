@@ -107,7 +107,8 @@ def prompt_logprobs(tokenizer: Tokenizer, prompt_ids: list[int],
         top = entry.top_logprobs[:top_k]
         ranks = {t: rank for rank, (t, _) in enumerate(entry.top_logprobs, start=1)}
         result = {str(token_id): {"logprob": _finite(entry.logprob),
-                                  "rank": ranks.get(token_id),
+                                  "rank": entry.rank if entry.rank is not None
+                                  else ranks.get(token_id),
                                   "decoded_token": tokenizer.token_text(token_id)}}
         for rank, (t, lp) in enumerate(top, start=1):
             result.setdefault(str(t), {"logprob": _finite(lp), "rank": rank,

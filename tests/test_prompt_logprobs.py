@@ -185,3 +185,15 @@ def test_scored_rows_are_counted_as_lm_head_compute(model):
     head = llm.engine.flop_table.head
     extra = scored.compute.flops - plain.compute.flops
     assert extra == pytest.approx(head * (len(prompt) - 1), abs=2)
+
+
+def test_prompt_and_sampled_logprobs_carry_the_tokens_rank(model):
+    llm = LLM(model, num_kv_blocks=64, block_size=4)
+    prompt = random_prompts(1, seed=31, low=12, high=13)[0]
+    params = SamplingParams(max_tokens=3, prompt_logprobs=2, logprobs=1, **GREEDY)
+    out = llm.generate([prompt], params)[0]
+    reference = reference_logprobs(model, llm, prompt, params).cpu()
+    for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        row = reference[position - 1]
+        assert entry.rank == int((row > row[prompt[position]]).sum()) + 1
+    assert all(e.rank == 1 for e in out.logprobs)  # greedy tokens are the most likely
