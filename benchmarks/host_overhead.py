@@ -42,13 +42,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launch-us", type=float, default=5.0, help="host cost of a launch")
     parser.add_argument("--sync-us", type=float, default=15.0, help="host cost of a sync")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loop-form", default="auto", choices=("auto", "masked", "compacted"),
+                        help="the runner's form choice (masked: what a GPU decode step runs)")
+    parser.add_argument("--static-decode", default="off", choices=("auto", "on", "off"),
+                        help="on: the fixed-shape decode bucket (a CUDA graph on a GPU)")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
 
 
 def build_llm(preset: str, device: str = "cpu", dtype: str = "bf16", batch: int = 64,
               context: int = 64, router_bias: float = 1.0, router_std: float = 0.05,
-              seed: int = 0) -> LLM:
+              seed: int = 0, **engine_options) -> LLM:
     """An engine over a random `preset` model whose tokens halt at varied depths, with KV
     room for `batch` sequences of `context` tokens."""
     torch.manual_seed(seed)
@@ -63,7 +67,8 @@ def build_llm(preset: str, device: str = "cpu", dtype: str = "bf16", batch: int 
     blocks = batch * -(-context // block_size) + 4
     return LLM(model, tokenizer=_token_ids_tokenizer(model), num_kv_blocks=blocks,
                block_size=block_size, max_num_seqs=batch,
-               max_num_batched_tokens=max(256, batch * context), enable_prefix_caching=False)
+               max_num_batched_tokens=max(256, batch * context), enable_prefix_caching=False,
+               **engine_options)
 
 
 def _token_ids_tokenizer(model: LoopLM) -> ByteTokenizer:
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     clock = [time.perf_counter()]
     llm = build_llm(args.preset, args.device, args.dtype, args.batch, args.prompt_len + 8,
-                    args.router_bias, args.router_std, args.seed)
+                    args.router_bias, args.router_std, args.seed, loop_form=args.loop_form,
+                    static_decode=args.static_decode)
     clock.append(time.perf_counter())
     start_decode_batch(llm, args.batch, args.prompt_len, max_tokens=4,
                        threshold=args.threshold, seed=args.seed)
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_len": args.prompt_len, "counted_step": "the first decode step after the prompts",
         "halt_threshold": args.threshold, "router_bias": args.router_bias,
         "router_std": args.router_std, "simulated_device": args.device == "cpu",
+        "loop_form": args.loop_form, "static_decode": args.static_decode,
         "seconds": {"build": build, "prompts": prefill, "counted_step": counted},
         "step": counts,
     }
