@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from benchmarks.engine_throughput import _machine, _sync, copy_rate, matmul_rate
+from benchmarks.engine_throughput import copy_rate, matmul_rate
+from benchmarks.machine import machine_name, sync
 from engine import LLM, LoopLM, SamplingParams, get_preset
 from engine.runner import ModelRunner
 from model.weights import resolve_dtype
@@ -93,12 +94,12 @@ def time_decode(llm: LLM, args: argparse.Namespace) -> dict:
     debug = (torch.cuda.set_sync_debug_mode if args.device.startswith("cuda") else None)
     static = engine.runner.static
     guard = _sync_guard(static, debug) if args.sync_debug and debug else contextlib.nullcontext()
-    _sync(args.device)
+    sync(args.device)
     start = time.perf_counter()
     with guard:
         for _ in range(args.steps):
             engine.step()
-    _sync(args.device)
+    sync(args.device)
     seconds = (time.perf_counter() - start) / args.steps
     return {"step_seconds": seconds, "tokens_per_s": args.batch / seconds,
             "active_per_call": calls,
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{mode}: {result['step_seconds'] * 1e3:.2f} ms/step, "
               f"{result['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
         del llm
-    out = {"benchmark": "decode_bench", "machine": _machine(args.device), "device": args.device,
+    out = {"benchmark": "decode_bench", "machine": machine_name(args.device), "device": args.device,
            "dtype": str(model.dtype), "preset": args.preset, "batch": args.batch,
            "context": args.context, "steps": args.steps, "halt_threshold": args.threshold,
            "router_bias": args.router_bias, "model_config": model.config.to_dict(),

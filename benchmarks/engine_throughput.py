@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
 import torch
 
+from benchmarks.machine import machine_name, sync
 from engine import LLM, LoopLM, ModelConfig, SamplingParams, get_preset
 from engine.runner import ModelRunner
 from model.weights import BUNDLED_MODEL_DIR, load_model, resolve_dtype
@@ -82,26 +82,22 @@ def copy_rate(device: str, megabytes: int = 256) -> float:
 
 def _repeat_rate(fn, device: str, repeats: int = 5) -> float:
     fn()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    sync(device)
     return repeats / (time.perf_counter() - start)
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_once(llm: LLM, prompts: list[list[int]], params: SamplingParams, device: str) -> dict:
     calls = []
     llm.engine.stats_callback = lambda stats: calls.append(len(stats.active_per_call))
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     flops = sum(o.compute.flops for o in outputs)
     return {"seconds": elapsed, "output_tokens": sum(len(o.token_ids) for o in outputs),
@@ -175,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [bench_batch(adaptive, max_depth, b, args, rates, block_bytes)
             for b in args.batch_sizes]
     result = {
-        "benchmark": "engine_throughput", "machine": _machine(args.device),
+        "benchmark": "engine_throughput", "machine": machine_name(args.device),
         "threads": torch.get_num_threads(), "device": args.device, "dtype": str(dtype),
         "model": "bundled" if args.bundled else (args.preset or "cpu-bench"),
         "model_config": model.config.to_dict(),
@@ -187,11 +183,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result))
     return result
 
-
-def _machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.machine()} {platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import time
 
 import torch
 
+from benchmarks.machine import machine_name
 from benchmarks.op_counts import OpCounter
 from engine import LLM, ByteTokenizer, LoopLM, SamplingParams, get_preset
 from model.weights import resolve_dtype
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     clock.append(time.perf_counter())
     build, prefill, counted = (b - a for a, b in itertools.pairwise(clock))
     result = {
-        "benchmark": "host_overhead", "machine": _machine(args.device),
+        "benchmark": "host_overhead", "machine": machine_name(args.device),
         "threads": torch.get_num_threads(), "device": args.device,
         "dtype": str(llm.engine.model.dtype), "model": args.preset,
         "model_config": llm.engine.model_config.to_dict(), "batch": args.batch,
@@ -170,11 +170,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result))
     return result
 
-
-def _machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.machine()} {platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 
 import torch
 
+from benchmarks.machine import machine_name, sync
 from engine import LLM, LoopLM, ModelConfig, SamplingParams
 from model.weights import resolve_dtype
 
@@ -133,10 +133,10 @@ def logit_difference(model: LoopLM, hf, ids: torch.Tensor) -> float:
 def run_loopserve(llm: LLM, prompts: list[list[int]], output_len: int, device: str
                   ) -> tuple[float, list[list[int]]]:
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, [list(o.token_ids) for o in outputs]
 
 
@@ -145,12 +145,12 @@ def run_transformers(hf, prompts: list[list[int]], output_len: int, device: str,
                      ) -> tuple[float, list[list[int]]]:
     ids = torch.tensor(prompts, dtype=torch.long, device=device)
     options = {} if cache == "dynamic" else {"cache_implementation": cache}
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                       max_new_tokens=output_len, min_new_tokens=output_len,
                       pad_token_id=hf.config.pad_token_id, **options)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
 
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                               ).to(args.device)
     diff = logit_difference(model, hf, check_ids)
     result = {
-        "benchmark": "peer_transformers", "machine": _machine(args.device),
+        "benchmark": "peer_transformers", "machine": machine_name(args.device),
         "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
         "model_config": model.config.to_dict(), "transformers": _transformers_version(),
         "torch": torch.__version__, "prompt_len": args.prompt_len,
@@ -238,15 +238,6 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.machine()} {platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":
