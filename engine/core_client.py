@@ -3,11 +3,12 @@ of `AsyncEngine` (prepare, generate, abort, drain, health, counts, start, shutdo
 
 The model, KV cache, scheduler and step loop live in a spawned process (`core_process`);
 this side holds only the immutable `InputProcessor` (validation and tokenization happen
-here, once) and the streams of the requests in flight. Two threads talk to the pipe: a
-writer that sends the commands in order (a hung core can never block the event loop), and a
-reader that hands each `OutputBatch`'s deltas to the streams' event loops (one hand-off per
-loop per batch), its step statistics to the stats callback (metrics), and its status to
-`health` and the gauges.
+here, once), the streams of the requests in flight, and their detokenizers (the core sends
+token ids; text and stop strings are made here, see `engine.detokenizer`). Two threads
+talk to the pipe: a writer that sends the commands in order (a hung core can never block
+the event loop), and a reader that hands each `OutputBatch`'s deltas to the streams' event
+loops (one hand-off per loop per batch), its step statistics to the stats callback
+(metrics), and its status to `health` and the gauges.
 
 Failure semantics: the core's death (EOF on the pipe, or the process gone) or silence for
 more than `core_timeout` seconds (it sends at least every 0.1 s, even mid-generation) makes
@@ -36,6 +37,7 @@ from engine.core_messages import (
     AbortRequest,
     AddRequest,
     CallHook,
+    CommandBatch,
     CoreDied,
     CoreFailed,
     CoreReady,
@@ -50,6 +52,7 @@ from engine.core_messages import (
     encode,
 )
 from engine.core_process import run_core
+from engine.detokenizer import RequestDetokenizer
 from engine.engine_config import EngineConfig
 from engine.errors import (
     EngineDeadError,
@@ -76,6 +79,7 @@ class EngineCoreClient:
         self.core_timeout = core_timeout
         self.stats_callback: Callable[[StepStats], None] | None = None
         self._streams: dict[str, _Stream] = {}
+        self._texts: dict[str, RequestDetokenizer] = {}  # of the requests in flight
         self._lock = threading.Lock()
         self._accepting = True
         self._stopped = False
@@ -247,6 +251,7 @@ class EngineCoreClient:
         finally:
             with self._lock:
                 self._streams.pop(request.request_id, None)
+                self._texts.pop(request.request_id, None)
                 if not self._streams:
                     self._busy_since = None
             if not finished:
@@ -267,6 +272,8 @@ class EngineCoreClient:
                     f"request id {request.request_id!r} is already in flight")
             if not self._streams:
                 self._busy_since = time.monotonic()
+            self._texts[request.request_id] = RequestDetokenizer(self.processor.tokenizer,
+                                                                 request.params)
             self._streams[request.request_id] = _Stream(asyncio.get_running_loop(),
                                                         asyncio.Queue())
             self._adds_sent += 1
@@ -296,10 +303,16 @@ class EngineCoreClient:
     # ------------------------------------------------------------------ writer thread
     def _write(self) -> None:
         while (command := self._outbox.get()) is not None:
+            batch = [command]
+            with contextlib.suppress(queue.Empty):
+                while (command := self._outbox.get_nowait()) is not None:
+                    batch.append(command)
             try:
-                self._conn.send_bytes(encode(command))
+                self._conn.send_bytes(encode(CommandBatch(tuple(batch))))
             except OSError:
                 return  # the reader reports the core's death
+            if command is None:
+                return
 
     # ------------------------------------------------------------------ reader thread
     def _read(self) -> None:
@@ -388,8 +401,14 @@ class EngineCoreClient:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+            texts = self._texts.get(output.request_id)
+            if stream is None or texts is None:
+                continue
+            was_stopped = texts.stopped_here
+            output = texts.process(output)
+            if texts.stopped_here and not was_stopped and not output.finished:
+                self.abort(output.request_id)  # a stop string ended it: free its blocks
+            by_loop.setdefault(stream.loop, []).append((stream.queue, output))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)

@@ -5,7 +5,8 @@ over a `multiprocessing` pipe (one `send_bytes` per message). Pickle of these sm
 objects costs a few microseconds per message and needs no dependency; the version makes a
 mismatched pair of processes fail loudly instead of misreading each other.
 
-API -> core: `AddRequest`, `AbortRequest`, `CallHook` (tests), `Shutdown`.
+API -> core: a `CommandBatch` of `AddRequest`, `AbortRequest`, `CallHook` (tests),
+`Shutdown`.
 Core -> API: `CoreReady` or `CoreFailed` once at start-up; then `OutputBatch` (every
 touched request's delta of one step, the step's statistics and the core's status; also sent
 alone as a heartbeat while idle), `RequestFailed`, `HookResult`, and `CoreDied` before the
@@ -54,6 +55,14 @@ class CallHook:
 @dataclasses.dataclass(frozen=True)
 class Shutdown:
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandBatch:
+    """The commands queued since the last send, in order, as one message: the prompts of
+    one HTTP request reach the core together and are scheduled in the same step."""
+
+    commands: tuple[AddRequest | AbortRequest | CallHook | Shutdown, ...]
 
 
 # ---------------------------------------------------------------------- core -> API
@@ -106,7 +115,7 @@ class CoreDied:
     reason: str
 
 
-ToCore = AddRequest | AbortRequest | CallHook | Shutdown
+ToCore = AddRequest | AbortRequest | CallHook | Shutdown | CommandBatch
 FromCore = CoreReady | CoreFailed | OutputBatch | RequestFailed | HookResult | CoreDied
 
 

@@ -7,6 +7,9 @@ waiting on the pipe, run one engine step while requests are unfinished, and send
 the core's status. While idle it sends the status alone every `HEARTBEAT_SECONDS`, so the
 API process can tell a quiet core from a hung one.
 
+The core sends token ids only: the API process detokenizes and applies stop strings
+(`engine.detokenizer`), and aborts a request here once a stop string ended it.
+
 The core ignores SIGINT and SIGTERM (the API process drains through it and then stops it)
 and dies with its parent: on Linux by PR_SET_PDEATHSIG, everywhere by the pipe's EOF.
 """
@@ -28,6 +31,7 @@ from engine.core_messages import (
     AbortRequest,
     AddRequest,
     CallHook,
+    CommandBatch,
     CoreDied,
     CoreFailed,
     CoreReady,
@@ -58,7 +62,7 @@ def run_core(conn: Connection, model_dir: str | None, config: EngineConfig) -> N
     logging.basicConfig(level="INFO", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     try:
-        llm = LLMEngine.from_pretrained(model_dir, config)
+        llm = LLMEngine.from_pretrained(model_dir, config, detokenize=False)
     except BaseException as exc:  # noqa: BLE001 - every load error goes to the API process
         conn.send_bytes(encode(CoreFailed(_picklable(exc))))
         return
@@ -134,19 +138,28 @@ class EngineCore:
         wait = timeout
         while not self.stop and self.conn.poll(wait):
             wait = 0.0
-            command: ToCore = decode(self.conn.recv_bytes())
-            if isinstance(command, AddRequest):
-                self._add(command)
-                added = True
-            elif isinstance(command, AbortRequest):
-                final = self.llm.abort_request(command.request_id)
-                if final is not None:
-                    outputs.append(final)
-            elif isinstance(command, CallHook):
-                self._call_hook(command)
-            elif isinstance(command, Shutdown):
-                self.stop = True
+            message: ToCore = decode(self.conn.recv_bytes())
+            for command in (message.commands if isinstance(message, CommandBatch)
+                            else (message,)):
+                added |= self._apply(command, outputs)
         return outputs, added
+
+    def _apply(self, command: ToCore, outputs: list[RequestOutput]) -> bool:
+        """Apply one command (abort finals go to `outputs`); True if it added a request."""
+        if self.stop:
+            return False
+        if isinstance(command, AddRequest):
+            self._add(command)
+            return True
+        if isinstance(command, AbortRequest):
+            final = self.llm.abort_request(command.request_id)
+            if final is not None:
+                outputs.append(final)
+        elif isinstance(command, CallHook):
+            self._call_hook(command)
+        elif isinstance(command, Shutdown):
+            self.stop = True
+        return False
 
     def _add(self, command: AddRequest) -> None:
         self.adds_seen += 1

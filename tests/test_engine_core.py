@@ -26,7 +26,7 @@ from engine.core_messages import (
     encode,
 )
 from engine.request import CompletionOutput, RequestOutput
-from tests.server_helpers import LiveServer, make_checkpoint, sse_events
+from tests.server_helpers import LiveServer, make_checkpoint, sse_events, stream_json
 from tests.test_server_lifecycle import REPO, _free_port, _wait_healthy
 
 LONG = {"prompt": "a long answer", "max_tokens": 200, "ignore_eos": True, "stream": True}
@@ -232,3 +232,19 @@ def test_the_thread_engine_serves_the_same_tokens(checkpoint):
             assert isinstance(server.state.engine, AsyncEngine) is engine_thread
             texts.append(http.post("/v1/completions", json=body).json()["choices"][0]["text"])
     assert texts[0] == texts[1] and texts[0]
+
+
+def test_a_stop_string_found_in_the_api_process_ends_the_request_in_the_core(checkpoint):
+    body = {"prompt": "stop here", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
+        server.in_core("slow_steps", 0.005)
+        text = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        stop = next(ch for ch in text[3:] if ch.isprintable() and ch != "\ufffd")
+        steps = server.in_core("num_steps")
+        events = stream_json(http, "/v1/completions", {**body, "stop": [stop]})
+        streamed = "".join(e["choices"][0]["text"] for e in events)
+        assert streamed == text[:text.index(stop)]
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+        server.assert_no_blocks_owned()
+        # aborted in the core at the stop, not run on to max_tokens
+        assert server.in_core("num_steps") - steps < text.index(stop) + 10
