@@ -272,8 +272,8 @@ class EngineCoreClient:
                     f"request id {request.request_id!r} is already in flight")
             if not self._streams:
                 self._busy_since = time.monotonic()
-            self._texts[request.request_id] = RequestDetokenizer(self.processor.tokenizer,
-                                                                 request.params)
+            self._texts[request.request_id] = RequestDetokenizer(
+                self.processor.tokenizer, request.params, list(request.prompt_token_ids))
             self._streams[request.request_id] = _Stream(asyncio.get_running_loop(),
                                                         asyncio.Queue())
             self._adds_sent += 1

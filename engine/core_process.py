@@ -186,6 +186,8 @@ class EngineCore:
                           num_steps=llm.num_steps)
 
     def _send_batch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            output.prompt_token_ids = []  # the API process has them: not again every token
         stats, self._stats = self._stats, None
         self._send(OutputBatch(tuple(outputs), stats, self._status()))
 

@@ -9,6 +9,8 @@ A choice that hits a stop string is finished here: its later tokens are dropped,
 every choice is finished the caller aborts the request in the core, whose final delta (with
 the request's compute) then reports the stop instead of the abort. The compute summary
 counts the tokens the core computed before the abort arrived (at most a step or two).
+The core's deltas leave out the prompt's ids (this process has them); `process` puts them
+back.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ class _ChoiceText:
 
 
 class RequestDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams,
+                 prompt_token_ids: list[int] | None = None) -> None:
         self.params = params
+        self.prompt_token_ids = prompt_token_ids
         self.eos_token_id = tokenizer.eos_token_id
         self.choices = [_ChoiceText(tokenizer.stream_decoder()) for _ in range(params.n)]
         self.hold = max((len(s) for s in params.stop), default=1) - 1
@@ -48,6 +52,8 @@ class RequestDetokenizer:
     def process(self, output: RequestOutput) -> RequestOutput:
         """The delta with text (mutated in place: the core's delta is this process's own)."""
         output.outputs = [self._piece(piece) for piece in output.outputs]
+        if self.prompt_token_ids is not None:
+            output.prompt_token_ids = self.prompt_token_ids
         return output
 
     def _piece(self, piece: CompletionOutput) -> CompletionOutput:

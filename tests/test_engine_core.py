@@ -248,3 +248,16 @@ def test_a_stop_string_found_in_the_api_process_ends_the_request_in_the_core(che
         server.assert_no_blocks_owned()
         # aborted in the core at the stop, not run on to max_tokens
         assert server.in_core("num_steps") - steps < text.index(stop) + 10
+
+
+def test_the_core_step_statistics_and_ipc_cost_reach_the_api_registry(checkpoint):
+    with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
+        http.post("/v1/completions", json={"prompt": "count", "max_tokens": 8,
+                                           "ignore_eos": True})
+        sample = server.state.metrics.registry.get_sample_value
+        labels = {"model_name": "tiny-test"}
+        assert sample("loopserve_layer_tokens_total", {**labels, "layer": "0"}) > 8
+        messages = sample("loopserve_engine_core_messages_total", labels)
+        size = sample("loopserve_engine_core_bytes_total", labels)
+        assert messages >= 8 and size > messages * 50  # a batch per step, and heartbeats
+        assert messages <= server.state.engine.ipc_counts()[0]  # read live at scrape time
