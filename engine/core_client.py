@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -105,7 +106,7 @@ class EngineCoreClient:
         self._conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=run_core, name="loopserve-engine-core", daemon=True,
                                    args=(child, None if model_dir is None else str(model_dir),
-                                         config))
+                                         config, os.getpid()))
         self.process.start()
         child.close()
         try:
@@ -341,9 +342,11 @@ class EngineCoreClient:
 
     def _on_eof(self) -> None:
         self.process.join(1)
-        reason = self._died_reason or (f"engine core process exited unexpectedly (exit code "
-                                       f"{self.process.exitcode})")
-        self._mark_dead(reason, log=not self._stopped)
+        if self._stopped:
+            self._mark_dead("engine shut down", log=False)
+            return
+        self._mark_dead(self._died_reason or (f"engine core process exited unexpectedly "
+                                              f"(exit code {self.process.exitcode})"))
 
     def _mark_dead(self, reason: str, log: bool = True) -> None:
         with self._lock:

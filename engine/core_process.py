@@ -56,9 +56,10 @@ HEARTBEAT_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1
 
 
-def run_core(conn: Connection, model_dir: str | None, config: EngineConfig) -> None:
+def run_core(conn: Connection, model_dir: str | None, config: EngineConfig,
+             parent_pid: int) -> None:
     """Entry point of the engine-core process."""
-    _detach_from_signals()
+    _detach_from_signals(parent_pid)
     logging.basicConfig(level="INFO", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     try:
@@ -71,14 +72,15 @@ def run_core(conn: Connection, model_dir: str | None, config: EngineConfig) -> N
     EngineCore(llm, conn).run()
 
 
-def _detach_from_signals() -> None:
-    """Ctrl-C reaches the whole process group: the API process decides when the core stops."""
+def _detach_from_signals(parent_pid: int) -> None:
+    """Ctrl-C reaches the whole process group: the API process decides when the core stops.
+    (The parent may itself be PID 1, in a container: compare with its pid, not with 1.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before the line above ran
+    if os.getppid() != parent_pid:  # the parent died before the line above ran
         os._exit(1)
 
 
