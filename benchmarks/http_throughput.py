@@ -5,6 +5,9 @@ At each concurrency c, the same greedy requests (distinct prompts, fixed output 
 (1) through `LLM.generate` with at most c sequences per batch, and (2) over HTTP to a
 `loopserve serve` subprocess from c concurrent clients (whole responses, then SSE streams).
 The ratio http / offline is what the HTTP layer costs; time is never asserted anywhere.
+With an engine-core process, each HTTP level also reports the IPC cost from the server's
+`loopserve_engine_core_{messages,bytes}_total` counters: messages per second and per token,
+bytes per token (what crossed from the core while the level's requests ran).
 
     python -m benchmarks.http_throughput                     # the bundled model, else a CPU model
     python -m benchmarks.http_throughput --model DIR --concurrency 1 8 32 64 --max-tokens 64
@@ -147,7 +150,20 @@ async def _one(http: httpx.AsyncClient, body: dict, stream: bool) -> int:
     return tokens
 
 
-async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool) -> float:
+async def _ipc_counts(http: httpx.AsyncClient) -> tuple[float, float] | None:
+    """Messages and bytes received from the engine core so far (None: no core process)."""
+    text = (await http.get("/metrics")).text
+    found = {}
+    for line in text.splitlines():
+        for name in ("messages", "bytes"):
+            if line.startswith(f"loopserve_engine_core_{name}_total{{"):
+                found[name] = float(line.rsplit(" ", 1)[1])
+    return (found["messages"], found["bytes"]) if len(found) == 2 else None
+
+
+async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool
+                   ) -> tuple[float, dict | None]:
+    """Tokens per second, and the IPC cost while the requests ran."""
     pending = list(reversed(bodies))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -159,13 +175,22 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool)
                 tokens += await _one(http, pending.pop(), stream)
             return tokens
 
+        before = await _ipc_counts(http)
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
-        return tokens / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        after = await _ipc_counts(http)
+    ipc = None
+    if before is not None and after is not None:
+        messages, size = after[0] - before[0], after[1] - before[1]
+        ipc = {"messages_per_s": round(messages / seconds, 1),
+               "messages_per_token": round(messages / max(tokens, 1), 3),
+               "bytes_per_token": round(size / max(tokens, 1), 1)}
+    return tokens / seconds, ipc
 
 
 def http_throughput(url: str, args: argparse.Namespace, texts: list[str], concurrency: int,
-                    stream: bool) -> float:
+                    stream: bool) -> tuple[float, dict | None]:
     bodies = [{"prompt": t, "max_tokens": args.max_tokens, "temperature": 0.0,
                "ignore_eos": True} for t in texts]
     return asyncio.run(_clients(url, bodies, concurrency, stream))
@@ -187,11 +212,14 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
     subset = texts[:count]
     offline = Offline(model_dir, args, concurrency)
     runs: dict[str, list[float]] = {"offline": [], "http": [], "stream": []}
+    ipc: dict[str, dict | None] = {}
     for _ in range(args.repeats):
         runs["offline"].append(offline.throughput(subset))
-        runs["http"].append(http_throughput(url, args, subset, concurrency, stream=False))
-        if not args.no_stream:
-            runs["stream"].append(http_throughput(url, args, subset, concurrency, stream=True))
+        for name, stream in (("http", False), ("stream", True)):
+            if stream and args.no_stream:
+                continue
+            rate, ipc[name] = http_throughput(url, args, subset, concurrency, stream)
+            runs[name].append(rate)
     best = {name: max(values) for name, values in runs.items() if values}
     level = {"concurrency": concurrency, "requests": count,
              "offline_tokens_per_s": round(best["offline"], 1),
@@ -201,6 +229,8 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
         level.update(http_stream_tokens_per_s=round(best["stream"], 1),
                      stream_over_offline=round(best["stream"] / best["offline"], 3))
     level["runs_tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items() if vs}
+    if any(ipc.values()):
+        level["ipc_last_round"] = ipc
     print(json.dumps(level), file=sys.stderr)
     return level
 

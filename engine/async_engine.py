@@ -137,6 +137,21 @@ class AsyncEngine:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def set_stats_callback(self, callback: Callable[[StepStats], None] | None) -> None:
+        """Called on the engine thread after every step that computed tokens."""
+        self.engine.stats_callback = callback
+
+    def kv_cache_usage(self) -> float:
+        return self.engine.block_manager.usage()
+
     def health(self) -> Health:
         if self._error is not None:
             return Health(HealthState.DEAD, f"engine loop died: {self._error!r}")

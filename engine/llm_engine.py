@@ -62,8 +62,12 @@ class StepStats:
 
 class LLMEngine:
     def __init__(self, model: LoopLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 stats_callback: Callable[[StepStats], None] | None = None) -> None:
+                 stats_callback: Callable[[StepStats], None] | None = None,
+                 detokenize: bool = True) -> None:
+        """detokenize=False: outputs carry token ids only, and stop strings are left to the
+        caller (`engine.detokenizer`, in the API process of an engine-core process)."""
         self.config = config or EngineConfig()
+        self.detokenize = detokenize
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)  # process-wide, as torch has it
         self.model = model.eval()
@@ -147,7 +151,8 @@ class LLMEngine:
             max_loops=prepared.max_loops, compute=ComputeTracker(cfg, prepared.max_loops),
             eos_token_id=self.tokenizer.eos_token_id, max_total_tokens=self.max_model_len,
             block_size=self.config.block_size, arrival_time=prepared.arrival_time)
-        choice.detokenizer = self.tokenizer.stream_decoder()
+        if self.detokenize:
+            choice.detokenizer = self.tokenizer.stream_decoder()
         return choice
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -5,7 +5,9 @@ Stop strings are cut, not emitted; while a request runs, text that could still b
 start of a stop string is held back so that a streamed delta never has to be taken back.
 As in vLLM, stop strings are looked for only once more than min_tokens tokens are generated
 (the sampler masks eos and stop_token_ids until then). Prompt logprobs go out once, with
-the request's first output after its prompt is scored.
+the request's first output after its prompt is scored. An engine built with
+`detokenize=False` (the engine-core process) leaves text and stop strings to the API process
+(`engine.detokenizer`): its requests have no detokenizer and their outputs carry ids only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def append_token(request: Request, token_id: int, logprob: TokenLogprob | None) 
         _finish(request, "stop", None)
     elif token_id in params.stop_token_ids:
         _finish(request, "stop", token_id)
-    else:
+    elif request.detokenizer is not None:  # None: the API process detokenizes
         _append_text(request, request.detokenizer.push(token_id))
     if request.finish_reason is None and (request.num_output_tokens >= params.max_tokens
                                           or request.num_tokens >= request.max_total_tokens):
@@ -58,7 +60,8 @@ def _append_text(request: Request, piece: str) -> None:
 def _finish(request: Request, reason: str, stop_reason: str | int | None) -> None:
     request.finish_reason = reason
     request.stop_reason = stop_reason
-    if not isinstance(stop_reason, str):  # a stop string cut the text: nothing to flush
+    if request.detokenizer is not None and not isinstance(stop_reason, str):
+        # (a stop string cut the text: nothing to flush)
         request.text += request.detokenizer.flush()  # pending bytes of a cut character
 
 

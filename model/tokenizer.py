@@ -164,7 +164,7 @@ class HFTokenizer:
         return self._tok.id_to_token(token_id) or f"<unk_{token_id}>"
 
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
-        return _PrefixStreamDecoder(self, skip_special)
+        return _OffsetStreamDecoder(self, skip_special)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
                             ) -> list[int]:
@@ -176,26 +176,39 @@ class HFTokenizer:
         return ids
 
 
-class _PrefixStreamDecoder:
-    """Decodes the growing id list and emits the new suffix, holding back a trailing U+FFFD."""
+class _OffsetStreamDecoder:
+    """Incremental decoding in constant work per token (vLLM's offset scheme): decode only a
+    short window of ids, from `prefix` (where the text was last complete) to the end, and
+    emit what it adds to the window's already-emitted part (up to `read`). Decoding a window
+    and its prefix together keeps what a tokenizer's decoder does at a boundary (a leading
+    space that a Metaspace decoder strips, say) out of the emitted text; a window whose text
+    ends in U+FFFD waits for the rest of its character. The result equals decoding the
+    whole id list at once."""
 
     def __init__(self, tokenizer: HFTokenizer, skip_special: bool) -> None:
         self._tokenizer, self._skip = tokenizer, skip_special
         self._ids: list[int] = []
-        self._emitted = 0
+        self._prefix = 0  # window start: the text before it is complete and emitted
+        self._read = 0  # ids up to here are emitted
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids, self._skip)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self._emitted = text[self._emitted:], len(text)
-        return new
+        emitted = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix, len(self._ids))
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
+            return ""  # nothing new, or half a character: wait for the next token
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted):]
 
     def flush(self) -> str:
-        text = self._tokenizer.decode(self._ids, self._skip)
-        new, self._emitted = text[self._emitted:], len(text)
-        return new
+        """What is still held (an incomplete character becomes U+FFFD, as in `decode`)."""
+        emitted = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix, len(self._ids))
+        self._prefix = self._read = len(self._ids)
+        return text[len(emitted):]
+
+    def _decode(self, start: int, end: int) -> str:
+        return self._tokenizer.decode(self._ids[start:end], self._skip) if end > start else ""
 
 
 def _checked_messages(messages: list[dict]) -> list[tuple[str, str]]:

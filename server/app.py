@@ -3,6 +3,10 @@ lifetime (started with the app; drained, then stopped, when the app shuts down).
 
     engine, name = build_engine(settings, EngineConfig(...))
     app = create_app(engine, settings, name)        # serve with uvicorn (see server.cli)
+
+By default the engine core runs in its own process (`EngineCoreClient`): the event loop
+never shares the GIL with a model step, and a crash of the core cannot take the server
+with it. `settings.engine_thread` keeps it on a thread of this process (`AsyncEngine`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from engine.async_engine import AsyncEngine
+from engine.core_client import EngineCoreClient
+from engine.engine_client import EngineClient
 from engine.engine_config import EngineConfig
 from engine.errors import ConfigError
 from engine.llm_engine import LLMEngine
@@ -42,11 +48,19 @@ def model_dir(settings: ServerSettings) -> Path:
     return path
 
 
-def build_engine(settings: ServerSettings, config: EngineConfig) -> tuple[AsyncEngine, str]:
-    """Load the checkpoint into an (unstarted) AsyncEngine; returns it and the served name."""
+def build_engine(settings: ServerSettings, config: EngineConfig) -> tuple[EngineClient, str]:
+    """Load the checkpoint into an (unstarted) engine; returns it and the served name. With
+    an engine-core process, this waits until the core has loaded the model and raises its
+    load error (ConfigError, CheckpointError)."""
     path = model_dir(settings)
-    llm = LLMEngine.from_pretrained(path, config)
-    engine = AsyncEngine(llm, max_queue=settings.max_queue, stall_timeout=settings.stall_timeout)
+    if settings.engine_thread:
+        llm = LLMEngine.from_pretrained(path, config)
+        engine: EngineClient = AsyncEngine(llm, max_queue=settings.max_queue,
+                                           stall_timeout=settings.stall_timeout)
+    else:
+        engine = EngineCoreClient(path, config, max_queue=settings.max_queue,
+                                  stall_timeout=settings.stall_timeout,
+                                  core_timeout=settings.core_timeout)
     return engine, settings.model_name(path)
 
 
@@ -65,12 +79,12 @@ def _middleware(settings: ServerSettings) -> list[Middleware]:
     return stack
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings | None = None,
+def create_app(engine: EngineClient, settings: ServerSettings | None = None,
                model_name: str = "loopserve") -> FastAPI:
     """An app serving `engine` as `model_name`; the engine starts with the app."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics(engine, model_name)
-    engine.engine.stats_callback = metrics.on_step
+    engine.set_stats_callback(metrics.on_step)
     state = ServerState(engine, metrics, settings, model_name)
 
     @contextlib.asynccontextmanager

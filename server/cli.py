@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 
 from engine.engine_config import MODES, EngineConfig
-from engine.errors import CheckpointError, ConfigError
+from engine.errors import CheckpointError, ConfigError, EngineDeadError
 from server.app import build_engine, create_app
 from server.settings import ServerSettings
 
@@ -67,6 +67,10 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
          float)
     _add(p, "--stall-timeout", "seconds with requests in the engine and no token computed "
          "before /health fails", 60.0, float)
+    _add(p, "--engine-thread", "run the engine loop on a thread of the server process "
+         "(default: an engine-core process of its own)", type_=None)
+    _add(p, "--core-timeout", "seconds the engine-core process may go without answering (it "
+         "sends at least every 0.1 s) before it is declared dead and killed", 2.0, float)
     _add(p, "--max-body-bytes", "largest request body accepted (413 above)", 1 << 20, int)
     _add(p, "--max-prompts", "most prompts in one /v1/completions request", 64, int)
     _add(p, "--allowed-origins", "comma-separated CORS origins ('*' for any; default: no CORS)",
@@ -120,7 +124,8 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, EngineConfi
         model=args.model, served_model_name=args.served_model_name, host=args.host,
         port=args.port, api_keys=tuple(args.api_key), max_queue=args.max_queue,
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
-        stall_timeout=args.stall_timeout, max_body_bytes=args.max_body_bytes,
+        stall_timeout=args.stall_timeout, engine_thread=args.engine_thread,
+        core_timeout=args.core_timeout, max_body_bytes=args.max_body_bytes,
         max_prompts=args.max_prompts, allowed_origins=tuple(args.allowed_origins),
         allowed_methods=tuple(args.allowed_methods), allowed_headers=tuple(args.allowed_headers),
         allow_credentials=args.allow_credentials, access_log=not args.no_access_log,
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, config = settings_from(build_parser().parse_args(argv))
         engine, name = build_engine(settings, config)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, EngineDeadError) as exc:
         print(f"loopserve serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)

@@ -18,8 +18,8 @@ from typing import TypeVar
 import anyio
 from starlette.requests import Request
 
-from engine.async_engine import AsyncEngine
 from engine.compute_stats import ComputeSummary
+from engine.engine_client import EngineClient
 from engine.errors import LoopServeError
 from engine.input_processor import PreparedRequest
 from engine.request import RequestOutput
@@ -88,7 +88,7 @@ def failure_reason(exc: BaseException) -> str:
 class Generation:
     """One prepared engine request per prompt of the HTTP request."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, ctx: RequestContext,
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, ctx: RequestContext,
                  requests: list[PreparedRequest]) -> None:
         self.engine = engine
         self.ctx = ctx

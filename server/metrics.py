@@ -1,15 +1,19 @@
 """Prometheus metrics of DESIGN section 7, all prefixed `loopserve_` and labelled `model_name`.
 
 Two sources feed them:
-- the engine thread, after every step (`ServerMetrics.on_step`, the engine's stats callback):
-  preemptions, prefix-cache lookups, the batch size of every (layer, loop step) call, loop
-  iterations and tokens per layer, memory-gate activity;
+- the engine's step statistics (`ServerMetrics.on_step`, the engine's stats callback: on the
+  engine thread, or, with an engine-core process, on the API process's reader thread as each
+  output batch arrives with the statistics of its step): preemptions, prefix-cache lookups,
+  the batch size of every (layer, loop step) call, loop iterations and tokens per layer,
+  memory-gate activity. The registry lives in the API process either way;
 - the event loop, from each request's deltas (`RequestObserver`): tokens, latencies, and the
   request's compute from its final delta; histograms carry the X-Request-Id as exemplar
   (shown when the scraper asks for OpenMetrics).
 Gauges of the queue and the KV pool are read live at scrape time, also under vLLM's names
 (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc` and
 the older `vllm:gpu_cache_usage_perc`, all 0..1 like vLLM's) for routers that read those.
+With an engine-core process, `loopserve_engine_core_messages_total` and
+`loopserve_engine_core_bytes_total` count what crossed from the core (the IPC cost).
 Each app owns its registry.
 """
 
@@ -26,9 +30,10 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from engine.async_engine import AsyncEngine
+from engine.engine_client import EngineClient
 from engine.llm_engine import StepStats
 from engine.request import RequestOutput
 
@@ -75,16 +80,18 @@ def loop_buckets(max_loops: int) -> tuple[float, ...]:
 class ServerMetrics:
     """The registry and its metrics for one served model."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: EngineClient, model_name: str) -> None:
         disable_created_metrics()  # no *_created series (process-wide, as vLLM does)
         self.engine = engine
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
-        cfg = engine.engine.model_config
+        cfg = engine.processor.model_config
         self._make_gauges()
         self._make_counters(cfg.n_layers)
-        self._make_histograms(cfg.max_loops, engine.engine.max_model_len,
-                              engine.engine.config.max_num_batched_tokens)
+        self._make_histograms(cfg.max_loops, engine.max_model_len,
+                              engine.config.max_num_batched_tokens)
+        if hasattr(engine, "ipc_counts"):
+            self.registry.register(CoreIpcCollector(engine.ipc_counts, model_name))
         self._last_prefix = (0, 0)
 
     # ------------------------------------------------------------------ construction
@@ -100,7 +107,7 @@ class ServerMetrics:
             "loopserve_num_requests_waiting": ("Requests waiting to be scheduled.",
                                                lambda: engine.num_waiting),
             "loopserve_kv_cache_usage_ratio": ("Fraction of KV blocks owned by requests "
-                                               "(1 = full).", engine.engine.block_manager.usage),
+                                               "(1 = full).", engine.kv_cache_usage),
         }
         for alias, name in VLLM_ALIASES.items():
             gauges[alias] = (f"{name}, under vLLM's name (for routers).", gauges[name][1])
@@ -202,7 +209,7 @@ class ServerMetrics:
         self._set_gates(stats.layer_gates)
 
     def _set_gates(self, layer_gates: list[list[float]]) -> None:
-        cfg = self.engine.engine.model_config
+        cfg = self.engine.processor.model_config
         present = [slots > 0 for slots in (cfg.local_memory_slots, cfg.global_memory_slots)]
         for layer, gates in enumerate(layer_gates):
             for bank, (name, value) in enumerate(zip(BANKS, gates, strict=False)):
@@ -283,3 +290,21 @@ class RequestObserver:
         if not self.done:
             self.done = True
             self.metrics.fail(reason)
+
+
+class CoreIpcCollector:
+    """Messages and bytes received from the engine-core process, read at scrape time."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]], model_name: str) -> None:
+        self._read = read
+        self._model_name = model_name
+
+    def collect(self):
+        messages, size = self._read()
+        for name, doc, value in (
+                ("loopserve_engine_core_messages", "Messages received from the engine core.",
+                 messages),
+                ("loopserve_engine_core_bytes", "Bytes received from the engine core.", size)):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self._model_name], value)
+            yield family

@@ -80,7 +80,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = server_state(request)
     with state.counting_invalid():
         check_model(body.model, state.model_name)
-        check_priority(body, state.engine.engine.config.scheduling_policy)
+        check_priority(body, state.engine.config.scheduling_policy)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         prepared = chat_inputs(body, state.processor, response_id)
     gen = state.generation(request, [prepared])

@@ -104,7 +104,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = server_state(request)
     with state.counting_invalid():
         check_model(body.model, state.model_name)
-        check_priority(body, state.engine.engine.config.scheduling_policy)
+        check_priority(body, state.engine.config.scheduling_policy)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         prepared = completion_inputs(body, state.processor, state.settings.max_prompts,
                                      response_id)

@@ -25,6 +25,8 @@ class ServerSettings:
     request_timeout: float = 600.0  # deadline of one request, from arrival to last token
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may still run
     stall_timeout: float = 60.0  # /health fails when requests wait or run and no token comes
+    engine_thread: bool = False  # True: the engine loop on a thread of this process
+    core_timeout: float = 2.0  # an engine-core process silent this long is declared dead
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_prompts: int = 64  # prompts in one /v1/completions request
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
@@ -43,8 +45,9 @@ class ServerSettings:
         for name in ("request_timeout", "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
-        if self.stall_timeout <= 0:
-            raise ConfigError(f"stall_timeout must be > 0 seconds, got {self.stall_timeout}")
+        for name in ("stall_timeout", "core_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if any(not key for key in self.api_keys):
             raise ConfigError("api keys must not be empty strings")
 

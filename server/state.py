@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from starlette.requests import Request
 
-from engine.async_engine import AsyncEngine
+from engine.engine_client import EngineClient
 from engine.errors import InvalidRequestError
 from engine.input_processor import InputProcessor, PreparedRequest
 from server.errors import APIError
@@ -25,7 +25,7 @@ logger = logging.getLogger("loopserve.server")
 
 @dataclasses.dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: EngineClient
     metrics: ServerMetrics
     settings: ServerSettings
     model_name: str

@@ -1,5 +1,6 @@
 """Helpers for the server tests: a tiny checkpoint on disk, a real uvicorn server on a free
-local port in a background thread, SSE parsing, and waiting for the engine to go idle."""
+local port in a background thread (its engine core in a process of its own, as `loopserve
+serve` runs it), SSE parsing, and waiting for the engine to go idle."""
 
 from __future__ import annotations
 
@@ -66,22 +67,24 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(20)
         self.sock.close()
+        self.state.engine.shutdown()  # done by the app's lifespan unless it never started
+
+    def in_core(self, hook: str, *args):
+        """Run `tests.core_hooks.<hook>(llm_engine, *args)` in the engine-core process."""
+        return self.state.engine.call_in_core(f"tests.core_hooks:{hook}", *args)
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Until no request is in flight, waiting or running in the engine."""
         engine = self.state.engine
         deadline = time.monotonic() + timeout
-        while engine.num_in_flight or engine.num_waiting or engine.engine.has_unfinished():
+        while engine.num_in_flight or engine.num_waiting or not self.in_core("is_idle"):
             if time.monotonic() > deadline:
                 raise AssertionError("the engine did not go idle")
             time.sleep(0.01)
 
     def assert_no_blocks_owned(self) -> None:
         self.wait_idle()
-        blocks = self.state.engine.engine.block_manager
-        blocks.check_integrity()
-        assert blocks.usage() == 0.0
-        assert not blocks.tables
+        assert self.in_core("block_pool") == (0.0, 0)
 
 
 def sse_events(lines: Iterator[str]) -> list[str]:

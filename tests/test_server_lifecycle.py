@@ -33,26 +33,23 @@ def checkpoint(tmp_path_factory):
 
 def slow_steps(server: LiveServer, seconds: float) -> None:
     """Make every engine step take at least `seconds` (generation outlasts the client)."""
-    llm = server.state.engine.engine
-    real_step = llm.step
-
-    def step():
-        time.sleep(seconds)
-        return real_step()
-
-    llm.step = step
+    server.in_core("slow_steps", seconds)
 
 
-def held_steps(server: LiveServer) -> threading.Event:
-    """Hold every engine step until the returned event is set."""
-    llm, gate = server.state.engine.engine, threading.Event()
-    real_step = llm.step
+class Gate:
+    """A file the engine core's held steps wait for: `set()` creates it."""
 
-    def step():
-        gate.wait(20)
-        return real_step()
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
-    llm.step = step
+    def set(self) -> None:
+        self.path.touch()
+
+
+def held_steps(server: LiveServer, tmp_path: Path) -> Gate:
+    """Hold every engine step until the returned gate is set."""
+    gate = Gate(tmp_path / "gate")
+    server.in_core("hold_steps", str(gate.path))
     return gate
 
 
@@ -83,9 +80,9 @@ def test_disconnect_while_waiting_for_a_whole_response_aborts(checkpoint):
         assert failures(server, "client_disconnect") == 1
 
 
-def test_full_queue_gives_429_and_every_accepted_request_completes(checkpoint):
+def test_full_queue_gives_429_and_every_accepted_request_completes(checkpoint, tmp_path):
     with LiveServer(checkpoint, max_queue=3) as server:
-        gate = held_steps(server)
+        gate = held_steps(server, tmp_path)
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
@@ -131,10 +128,7 @@ def test_health_fails_when_the_engine_dies(checkpoint):
     with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
         assert http.get("/health").status_code == 200
 
-        def broken_step():
-            raise RuntimeError("device fell off")
-
-        server.state.engine.engine.step = broken_step
+        server.in_core("break_steps", "device fell off")
         response = http.post("/v1/completions", json={"prompt": "x"})
         assert response.status_code == 503
         assert response.json()["error"]["type"] == "service_unavailable"
@@ -143,10 +137,10 @@ def test_health_fails_when_the_engine_dies(checkpoint):
         assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 503
 
 
-def test_health_fails_while_the_engine_is_stalled(checkpoint):
+def test_health_fails_while_the_engine_is_stalled(checkpoint, tmp_path):
     with LiveServer(checkpoint, stall_timeout=0.2) as server, \
             httpx.Client(base_url=server.url, timeout=30) as http:
-        gate = held_steps(server)
+        gate = held_steps(server, tmp_path)
         worker = threading.Thread(target=http.post, args=("/v1/completions",),
                                   kwargs={"json": {"prompt": "x", "max_tokens": 2}})
         worker.start()
@@ -158,23 +152,19 @@ def test_health_fails_while_the_engine_is_stalled(checkpoint):
         assert http.get("/health").status_code == 200
 
 
-def test_health_fails_while_steps_run_but_compute_nothing(checkpoint):
+def test_health_fails_while_steps_run_but_compute_nothing(checkpoint, tmp_path):
     """The livelock shape: the loop keeps stepping, every step schedules nothing."""
-    from engine.scheduler import SchedulerOutput
-
     with LiveServer(checkpoint, stall_timeout=0.3) as server, \
             httpx.Client(base_url=server.url, timeout=30) as http:
-        scheduler, gate = server.state.engine.engine.scheduler, threading.Event()
-        real_schedule = scheduler.schedule
-        scheduler.schedule = lambda: (real_schedule() if gate.is_set()
-                                      else SchedulerOutput([], [], []))
+        gate = Gate(tmp_path / "gate")
+        server.in_core("schedule_nothing_until", str(gate.path))
         worker = threading.Thread(target=http.post, args=("/v1/completions",),
                                   kwargs={"json": {"prompt": "x", "max_tokens": 2}})
         worker.start()
         time.sleep(0.8)
         stalled = http.get("/health")
         assert stalled.status_code == 503 and "stalled" in stalled.json()["error"]["message"]
-        assert server.state.engine.engine.num_steps > 10  # empty steps did run
+        assert server.in_core("num_steps") > 10  # empty steps did run
         gate.set()
         worker.join(10)
         assert http.get("/health").status_code == 200

@@ -148,9 +148,10 @@ def test_vllm_named_gauges_for_routers(server, http):
 
 
 def test_kv_gauge_alias_reads_the_pool_live(server):
-    blocks = server.state.engine.engine.block_manager
+    server.wait_idle()
+    usage, _ = server.in_core("block_pool")
     gauge = server.state.metrics.registry.get_sample_value
-    assert gauge("vllm:kv_cache_usage_perc", {"model_name": "tiny-test"}) == blocks.usage()
+    assert gauge("vllm:kv_cache_usage_perc", {"model_name": "tiny-test"}) == usage
 
 
 def test_openapi_says_what_the_server_does(http):

@@ -1,0 +1,417 @@
+"""EngineCoreClient: the API process's side of the engine-core process, with the interface
+of `AsyncEngine` (prepare, generate, abort, drain, health, counts, start, shutdown).
+
+The model, KV cache, scheduler and step loop live in a spawned process (`core_process`);
+this side holds only the immutable `InputProcessor` (validation and tokenization happen
+here, once), the streams of the requests in flight, and their detokenizers (the core sends
+token ids; text and stop strings are made here, see `engine.detokenizer`). Two threads
+talk to the pipe: a writer that sends the commands in order (a hung core can never block
+the event loop), and a reader that hands each `OutputBatch`'s deltas to the streams' event
+loops (one hand-off per loop per batch), its step statistics to the stats callback
+(metrics), and its status to `health` and the gauges.
+
+Failure semantics: the core's death (EOF on the pipe, or the process gone) or silence for
+more than `core_timeout` seconds (it sends at least every 0.1 s, even mid-generation) makes
+the core dead: the cause is logged, a silent core is killed, every request in flight ends
+with `EngineDeadError` (HTTP 503), and `health()` reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from engine.async_engine import Health, HealthState, _put_all, _Stream
+from engine.core_messages import (
+    AbortRequest,
+    AddRequest,
+    CallHook,
+    CommandBatch,
+    CoreDied,
+    CoreFailed,
+    CoreReady,
+    CoreStatus,
+    FromCore,
+    HookResult,
+    OutputBatch,
+    RequestFailed,
+    Shutdown,
+    ToCore,
+    decode,
+    encode,
+)
+from engine.core_process import run_core
+from engine.detokenizer import RequestDetokenizer
+from engine.engine_config import EngineConfig
+from engine.errors import (
+    EngineDeadError,
+    EngineDrainingError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from engine.input_processor import InputProcessor, PreparedRequest
+from engine.llm_engine import StepStats
+from engine.request import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("loopserve.engine")
+
+POLL_SECONDS = 0.05  # how often the reader looks at the core's liveness while it is quiet
+
+
+class EngineCoreClient:
+    def __init__(self, model_dir: str | Path | None, config: EngineConfig | None = None,
+                 max_queue: int = 256, stall_timeout: float = 60.0, core_timeout: float = 2.0,
+                 startup_timeout: float = 600.0) -> None:
+        self.max_queue = max_queue
+        self.stall_timeout = stall_timeout
+        self.core_timeout = core_timeout
+        self.stats_callback: Callable[[StepStats], None] | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._texts: dict[str, RequestDetokenizer] = {}  # of the requests in flight
+        self._lock = threading.Lock()
+        self._accepting = True
+        self._stopped = False
+        self._dead: str | None = None  # why the core is dead, once it is
+        self._died_reason: str | None = None  # the core's own last word (CoreDied)
+        self._adds_sent = 0
+        self._busy_since: float | None = None  # when the streams went from none to some
+        self._last_progress = time.monotonic()  # when a step last computed a token
+        self._last_heard = time.monotonic()
+        self._hooks: dict[int, Future] = {}
+        self._hook_ids = itertools.count()
+        self._outbox: queue.SimpleQueue[ToCore | None] = queue.SimpleQueue()
+        self.messages_received = 0
+        self.bytes_received = 0
+        self._spawn(model_dir, config or EngineConfig(), startup_timeout)
+
+    # ------------------------------------------------------------------ start-up
+    def _spawn(self, model_dir: str | Path | None, config: EngineConfig, timeout: float
+               ) -> None:
+        """Start the core and wait until it has loaded the model; its load error is raised
+        here (ConfigError, CheckpointError, ...)."""
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=run_core, name="loopserve-engine-core", daemon=True,
+                                   args=(child, None if model_dir is None else str(model_dir),
+                                         config, os.getpid()))
+        self.process.start()
+        child.close()
+        try:
+            ready = self._await_ready(timeout)
+        except BaseException:
+            self._kill()
+            raise
+        self.processor: InputProcessor = ready.processor
+        self.config: EngineConfig = ready.config
+        self.max_model_len = ready.max_model_len
+        self._status = CoreStatus(0, 0, 0.0, 0, 0)
+        self._last_heard = time.monotonic()
+        self._reader = threading.Thread(target=self._read, name="loopserve-core-reader",
+                                        daemon=True)
+        self._writer = threading.Thread(target=self._write, name="loopserve-core-writer",
+                                        daemon=True)
+
+    def _await_ready(self, timeout: float) -> CoreReady:
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.1):
+            if not self.process.is_alive():
+                raise EngineDeadError(f"the engine core exited with code "
+                                      f"{self.process.exitcode} while loading the model")
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"the engine core did not load the model within "
+                                      f"{timeout:g} s")
+        message = decode(self._conn.recv_bytes())
+        if isinstance(message, CoreFailed):
+            raise message.error
+        if not isinstance(message, CoreReady):
+            raise EngineDeadError(f"the engine core answered {type(message).__name__} "
+                                  f"instead of CoreReady")
+        return message
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> EngineCoreClient:
+        if not self._reader.is_alive() and not self._stopped:
+            self._last_heard = time.monotonic()
+            self._reader.start()
+            self._writer.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the core (requests still in flight end with EngineDeadError) and reap it."""
+        self._accepting = False
+        self._stopped = True
+        self._outbox.put(Shutdown())
+        self._outbox.put(None)
+        self.process.join(timeout)
+        self._kill()
+        self._mark_dead("engine shut down", log=False)
+        for thread in (self._reader, self._writer):
+            if thread.is_alive():
+                thread.join(timeout)
+        self._conn.close()
+
+    def _kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting requests, let those in flight finish for up to `timeout` seconds,
+        then abort the rest (through the core). Returns how many had to be aborted."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self._streams)
+        for request_id in left:
+            self.abort(request_id)
+        return len(left)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def core_pid(self) -> int | None:
+        return self.process.pid
+
+    def set_stats_callback(self, callback: Callable[[StepStats], None] | None) -> None:
+        self.stats_callback = callback
+
+    def kv_cache_usage(self) -> float:
+        return self._status.kv_cache_usage
+
+    def ipc_counts(self) -> tuple[int, int]:
+        """Messages and bytes received from the core so far."""
+        return self.messages_received, self.bytes_received
+
+    # ------------------------------------------------------------------ health
+    def health(self) -> Health:
+        if self._dead is not None:
+            state = HealthState.STOPPED if self._stopped else HealthState.DEAD
+            return Health(state, self._dead)
+        if not self._reader.is_alive():
+            return Health(HealthState.STOPPED, "engine core is not connected")
+        silent = time.monotonic() - self._last_heard
+        if silent > self.core_timeout:
+            return Health(HealthState.DEAD, f"engine core has not answered for {silent:.1f}s")
+        busy_since = self._busy_since
+        if busy_since is not None:
+            stalled = time.monotonic() - max(busy_since, self._last_progress)
+            if stalled > self.stall_timeout:
+                return Health(HealthState.STALLED, f"no token computed for {stalled:.1f}s "
+                                                   f"with requests waiting or running")
+        if not self._accepting:
+            return Health(HealthState.DRAINING, "accepting no new requests")
+        return Health(HealthState.OK)
+
+    @property
+    def num_waiting(self) -> int:
+        status = self._status
+        return max(0, self._adds_sent - status.adds_seen) + status.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self._status.num_running
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, prompt: str | list[int], params: SamplingParams,
+                request_id: str | None = None) -> PreparedRequest:
+        """Tokenize and validate (InvalidRequestError names the field), in this process."""
+        return self.processor.prepare(request_id or f"cmpl-{uuid.uuid4().hex}", prompt, params)
+
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request; the last has `finished=True`. Leaving early aborts it."""
+        self._admit(request)
+        stream = self._streams[request.request_id]
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+                self._texts.pop(request.request_id, None)
+                if not self._streams:
+                    self._busy_since = None
+            if not finished:
+                self.abort(request.request_id)
+
+    def _admit(self, request: PreparedRequest) -> None:
+        """Errors surface here, before any streaming starts; a dead core wins over a drain."""
+        health = self.health()
+        if health.state is HealthState.DRAINING:
+            raise EngineDrainingError("the server is draining and accepts no new requests")
+        if not health.ok:
+            raise EngineDeadError(health.reason)
+        with self._lock:
+            if self.num_waiting >= self.max_queue:
+                raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
+            if request.request_id in self._streams:
+                raise InvalidRequestError(
+                    f"request id {request.request_id!r} is already in flight")
+            if not self._streams:
+                self._busy_since = time.monotonic()
+            self._texts[request.request_id] = RequestDetokenizer(
+                self.processor.tokenizer, request.params, list(request.prompt_token_ids))
+            self._streams[request.request_id] = _Stream(asyncio.get_running_loop(),
+                                                        asyncio.Queue())
+            self._adds_sent += 1
+        self._outbox.put(AddRequest(request))
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; the core frees the request's blocks."""
+        if self._dead is None:
+            self._outbox.put(AbortRequest(request_id))
+
+    def call_in_core(self, target: str, *args: Any, timeout: float = 30.0) -> Any:
+        """Run `module:function(llm_engine, *args)` on the core's loop and return its value
+        (for tests: slow, hold or break steps; inspect the KV pool). Blocking."""
+        return self.submit_to_core(target, *args).result(timeout)
+
+    def submit_to_core(self, target: str, *args: Any) -> Future:
+        """`call_in_core` without waiting: the future of the hook's value."""
+        future: Future = Future()
+        call_id = next(self._hook_ids)
+        self._hooks[call_id] = future
+        if self._dead is not None:
+            future.set_exception(EngineDeadError(self._dead))
+        else:
+            self._outbox.put(CallHook(call_id, target, args))
+        return future
+
+    # ------------------------------------------------------------------ writer thread
+    def _write(self) -> None:
+        while (command := self._outbox.get()) is not None:
+            batch = [command]
+            with contextlib.suppress(queue.Empty):
+                while (command := self._outbox.get_nowait()) is not None:
+                    batch.append(command)
+            try:
+                self._conn.send_bytes(encode(CommandBatch(tuple(batch))))
+            except OSError:
+                return  # the reader reports the core's death
+            if command is None:
+                return
+
+    # ------------------------------------------------------------------ reader thread
+    def _read(self) -> None:
+        while self._dead is None:
+            try:
+                if not self._conn.poll(POLL_SECONDS):
+                    self._check_alive()
+                    continue
+                data = self._conn.recv_bytes()
+            except (EOFError, OSError):
+                self._on_eof()
+                return
+            self.messages_received += 1
+            self.bytes_received += len(data)
+            self._last_heard = time.monotonic()
+            self._dispatch(decode(data))
+
+    def _check_alive(self) -> None:
+        silent = time.monotonic() - self._last_heard
+        if not self.process.is_alive():
+            self._on_eof()
+        elif silent > self.core_timeout:
+            self._mark_dead(f"engine core stopped answering (nothing for {silent:.1f}s, "
+                            f"limit {self.core_timeout:g}s); it was killed")
+            self._kill()
+
+    def _on_eof(self) -> None:
+        self.process.join(1)
+        if self._stopped:
+            self._mark_dead("engine shut down", log=False)
+            return
+        self._mark_dead(self._died_reason or (f"engine core process exited unexpectedly "
+                                              f"(exit code {self.process.exitcode})"))
+
+    def _mark_dead(self, reason: str, log: bool = True) -> None:
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = reason
+        if log:
+            logger.error("engine core is dead: %s", reason)
+        self._outbox.put(None)
+        for future in self._hooks.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(reason))
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError(reason))
+
+    def _dispatch(self, message: FromCore) -> None:
+        if isinstance(message, OutputBatch):
+            self._on_batch(message)
+        elif isinstance(message, RequestFailed):
+            self._deliver(message.request_id, message.error)
+        elif isinstance(message, HookResult):
+            self._on_hook_result(message)
+        elif isinstance(message, CoreDied):
+            self._died_reason = message.reason
+
+    def _on_batch(self, batch: OutputBatch) -> None:
+        self._status = batch.status
+        if batch.stats is not None:
+            self._last_progress = time.monotonic()
+            if self.stats_callback is not None:
+                try:
+                    self.stats_callback(batch.stats)
+                except Exception:  # noqa: BLE001 - metrics must never stop the reader
+                    logger.exception("stats callback failed")
+        self._deliver_all(batch.outputs)
+
+    def _on_hook_result(self, result: HookResult) -> None:
+        future = self._hooks.pop(result.call_id, None)
+        if future is None:
+            return
+        if result.error is not None:
+            future.set_exception(RuntimeError(f"hook failed in the engine core: {result.error}"))
+        else:
+            future.set_result(result.value)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the caller's event loop may be closed
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _deliver_all(self, outputs: tuple[RequestOutput, ...]) -> None:
+        """One hand-off per event loop per batch, not one wake-up per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            texts = self._texts.get(output.request_id)
+            if stream is None or texts is None:
+                continue
+            was_stopped = texts.stopped_here
+            output = texts.process(output)
+            if texts.stopped_here and not was_stopped and not output.finished:
+                self.abort(output.request_id)  # a stop string ended it: free its blocks
+            by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)

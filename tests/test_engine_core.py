@@ -1,0 +1,263 @@
+"""The engine core in its own process: the wire format, start-up errors, and what the server
+does when the core dies or stops answering (error event on the stream, /health 503, new
+requests 503, no hang), and that no core process outlives the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.core_messages import (
+    PROTOCOL_VERSION,
+    AbortRequest,
+    OutputBatch,
+    ProtocolError,
+    decode,
+    encode,
+)
+from engine.request import CompletionOutput, RequestOutput
+from tests.server_helpers import LiveServer, make_checkpoint, sse_events, stream_json
+from tests.test_server_lifecycle import REPO, _free_port, _wait_healthy
+
+LONG = {"prompt": "a long answer", "max_tokens": 200, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine-core"))
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def core_of(pid: int) -> tuple[int, list[int]]:
+    """The engine-core child of a server and all its children (multiprocessing may add a
+    resource tracker): none may outlive the server."""
+    kids = children(pid)
+    cores = [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+    assert len(cores) == 1, kids
+    return cores[0], kids
+
+
+def wait_until(predicate, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout:g}s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_messages_round_trip_and_carry_their_version():
+    output = RequestOutput("r1", [1, 2], [CompletionOutput(0, [5], "x")], finished=False)
+    batch = decode(encode(OutputBatch((output,), None, None)))
+    assert batch.outputs[0].outputs[0].token_ids == [5]
+    assert decode(encode(AbortRequest("r1"))) == AbortRequest("r1")
+    import pickle
+    stale = pickle.dumps((PROTOCOL_VERSION + 1, AbortRequest("r1")))
+    with pytest.raises(ProtocolError, match=f"version {PROTOCOL_VERSION + 1} received"):
+        decode(stale)
+
+
+def test_a_bad_checkpoint_fails_start_up_with_its_message(checkpoint, tmp_path, capsys):
+    from server.cli import main
+
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    (broken / "model.safetensors").unlink()
+    assert main(["serve", "--model", str(broken)]) == 2
+    assert "model.safetensors is missing" in capsys.readouterr().err
+
+
+def _stream_in_background(url: str, events: list[str], chunks: list[int]
+                          ) -> threading.Thread:
+    """Read a long stream into `events`; `chunks[0]` counts its lines as they come."""
+    def lines(response: httpx.Response):
+        for line in response.iter_lines():
+            chunks[0] += 1
+            yield line
+
+    def read() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json=LONG, timeout=30) as response:
+            events.extend(sse_events(lines(response)))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread
+
+
+def _assert_ends_with_503_event(events: list[str], message: str) -> None:
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "service_unavailable" and message in error["message"]
+    assert len(events) > 3  # content came before the core went away
+
+
+def test_killing_the_core_mid_stream_ends_the_stream_with_a_503_event(checkpoint):
+    with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
+        server.in_core("slow_steps", 0.01)
+        pid = server.state.engine.core_pid
+        events: list[str] = []
+        chunks = [0]
+        reader = _stream_in_background(server.url, events, chunks)
+        wait_until(lambda: chunks[0] > 3, 10, "streaming")
+        os.kill(pid, signal.SIGKILL)
+        reader.join(10)
+        assert not reader.is_alive(), "the stream hung after the core died"
+        _assert_ends_with_503_event(events, "exit code -9")
+        health = http.get("/health")
+        assert health.status_code == 503
+        assert health.json()["error"]["code"] == "engine_unavailable"
+        late = http.post("/v1/completions", json={"prompt": "late"})
+        assert late.status_code == 503 and "exit code -9" in late.json()["error"]["message"]
+        assert not alive(pid)
+
+
+def test_a_core_that_stops_answering_is_declared_dead_and_killed(checkpoint):
+    with LiveServer(checkpoint, core_timeout=0.5) as server, \
+            httpx.Client(base_url=server.url) as http:
+        server.in_core("slow_steps", 0.01)
+        pid = server.state.engine.core_pid
+        events: list[str] = []
+        chunks = [0]
+        reader = _stream_in_background(server.url, events, chunks)
+        wait_until(lambda: chunks[0] > 3, 10, "streaming")
+        server.state.engine.submit_to_core("tests.core_hooks:block_loop", 30.0)
+        took = wait_until(lambda: http.get("/health").status_code == 503, 5, "/health 503")
+        assert took < 2.0
+        assert "stopped answering" in http.get("/health").json()["error"]["message"]
+        reader.join(10)
+        assert not reader.is_alive(), "the stream hung after the core stopped answering"
+        _assert_ends_with_503_event(events, "stopped answering")
+        assert http.post("/v1/completions", json={"prompt": "late"}).status_code == 503
+        wait_until(lambda: not alive(pid), 5, "the silent core is killed")
+
+
+def _serve(checkpoint: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LOOPSERVE_NUM_KV_BLOCKS": "128"}
+    proc = subprocess.Popen(
+        [sys.executable, "loopserve_cli.py", "serve", "--model", str(checkpoint), "--host",
+         "127.0.0.1", "--port", str(port), "--block-size", "4", "--shutdown-timeout", "30"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, proc)
+    return proc, url
+
+
+def test_sigterm_after_the_core_died_exits_cleanly_with_no_orphan(checkpoint):
+    proc, url = _serve(checkpoint)
+    try:
+        core, kids = core_of(proc.pid)
+        os.kill(core, signal.SIGKILL)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, 5, "/health 503")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        _, err = proc.communicate()
+        assert "engine core is dead" in err and "exit code -9" in err
+        wait_until(lambda: not any(map(alive, kids)), 5, "no child outlives the server")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_sigterm_drains_through_the_core_and_leaves_no_orphan(checkpoint):
+    proc, url = _serve(checkpoint)
+    try:
+        _, kids = core_of(proc.pid)
+        body = {"prompt": "drain me", "max_tokens": 60, "ignore_eos": True}
+        result: list[httpx.Response] = []
+        worker = threading.Thread(target=lambda: result.append(
+            httpx.post(f"{url}/v1/completions", json=body, timeout=30)))
+        worker.start()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        worker.join(30)
+        assert result[0].status_code == 200
+        assert result[0].json()["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(30) == 0
+        wait_until(lambda: not any(map(alive, kids)), 5, "no child outlives the server")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_the_core_dies_with_a_killed_server(checkpoint):
+    """SIGKILL leaves the server no chance to stop its core: the core must notice."""
+    proc, _ = _serve(checkpoint)
+    _, kids = core_of(proc.pid)
+    proc.kill()
+    proc.communicate()
+    wait_until(lambda: not any(map(alive, kids)), 5, "no child outlives a killed server")
+
+
+def test_the_thread_engine_serves_the_same_tokens(checkpoint):
+    """--engine-thread keeps the loop in the server's process; greedy output is the same."""
+    from engine.async_engine import AsyncEngine
+
+    body = {"prompt": "same tokens", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    texts = []
+    for engine_thread in (False, True):
+        with LiveServer(checkpoint, engine_thread=engine_thread) as server, \
+                httpx.Client(base_url=server.url) as http:
+            assert isinstance(server.state.engine, AsyncEngine) is engine_thread
+            texts.append(http.post("/v1/completions", json=body).json()["choices"][0]["text"])
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_a_stop_string_found_in_the_api_process_ends_the_request_in_the_core(checkpoint):
+    body = {"prompt": "stop here", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
+        server.in_core("slow_steps", 0.005)
+        text = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        stop = next(ch for ch in text[3:] if ch.isprintable() and ch != "\ufffd")
+        steps = server.in_core("num_steps")
+        events = stream_json(http, "/v1/completions", {**body, "stop": [stop]})
+        streamed = "".join(e["choices"][0]["text"] for e in events)
+        assert streamed == text[:text.index(stop)]
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+        server.assert_no_blocks_owned()
+        # aborted in the core at the stop, not run on to max_tokens
+        assert server.in_core("num_steps") - steps < text.index(stop) + 10
+
+
+def test_the_core_step_statistics_and_ipc_cost_reach_the_api_registry(checkpoint):
+    with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
+        http.post("/v1/completions", json={"prompt": "count", "max_tokens": 8,
+                                           "ignore_eos": True})
+        sample = server.state.metrics.registry.get_sample_value
+        labels = {"model_name": "tiny-test"}
+        assert sample("loopserve_layer_tokens_total", {**labels, "layer": "0"}) > 8
+        messages = sample("loopserve_engine_core_messages_total", labels)
+        size = sample("loopserve_engine_core_bytes_total", labels)
+        assert messages >= 8 and size > messages * 50  # a batch per step, and heartbeats
+        assert messages <= server.state.engine.ipc_counts()[0]  # read live at scrape time
