@@ -120,8 +120,8 @@ class ModelRunner:
             cache.index_copy_(0, dst, cache.index_select(0, src))
 
     @torch.inference_mode()
-    def run(self, step: StepInput) -> StepOutput:
-        tokens, uploaded = self._step_tokens(step)
+    def run(self, step: StepInput) -> DeviceStepOutput:
+        layout, uploaded = self._upload(step)
         if self._fits_static(step):
             every_step = halt_thresholds(uploaded["eps"], uploaded["loops"],
                                          self.config.max_loops)
@@ -129,8 +129,9 @@ class ModelRunner:
                                       len(step.token_ids), uploaded["decode_blocks"].shape[1])
             if outputs is not None:
                 return DeviceStepOutput(*outputs, self.config.max_loops)
-        h = self.model.embed(uploaded["token_ids"])
         num_steps = self.config.max_loops if self.max_depth else max(step.max_loops)
+        tokens = self._step_tokens(layout, uploaded, num_steps)
+        h = self.model.embed(uploaded["token_ids"])
         depths, gate_means = [], []
         for index, block in enumerate(self.blocks):
             layer = self._run_layer(index, block, h, tokens, num_steps)
@@ -186,8 +187,9 @@ class ModelRunner:
         return StepOutput(logits=out.logits, depths=host_depths, gates=host_gates,
                           active_per_call=calls), host_extra
 
-    def _step_tokens(self, step: StepInput) -> tuple[StepTokens, dict[str, torch.Tensor]]:
-        """Every input of the step in one upload, and the per-token views layers share."""
+    def _upload(self, step: StepInput) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Every input of the step in one upload; returns the attention layout and the
+        uploaded tensors."""
         upload = self.upload
         upload.add("token_ids", step.token_ids)
         upload.add("positions", step.positions)
@@ -204,16 +206,17 @@ class ModelRunner:
         upload.add_floats("eps", eps)
         layout = AttentionPlan.pack(upload, step.block_tables, step.starts, lengths,
                                     step.num_decodes, self.block_size)
-        uploaded = upload.upload()
+        return layout, upload.upload()
+
+    def _step_tokens(self, layout: dict, uploaded: dict[str, torch.Tensor], num_steps: int
+                     ) -> StepTokens:
+        """The per-token views every layer of an eager step shares."""
         positions = uploaded["positions"]
         cos, sin = rope_tables(*self.model.rotary.tables(positions))  # [T, 1, hd] fp32
-        num_steps = self.config.max_loops if self.max_depth else max(step.max_loops)
         halt_below = halt_thresholds(uploaded["eps"], uploaded["loops"], num_steps)
-        tokens = StepTokens(cos=cos, sin=sin, halt_below=halt_below,
-                            blocks=uploaded["slot_blocks"],
-                            offsets=positions % self.block_size,
-                            plan=AttentionPlan.build(layout, uploaded))
-        return tokens, uploaded
+        return StepTokens(cos=cos, sin=sin, halt_below=halt_below,
+                          blocks=uploaded["slot_blocks"], offsets=positions % self.block_size,
+                          plan=AttentionPlan.build(layout, uploaded))
 
     def _slot_blocks(self, step: StepInput) -> list[int]:
         """The KV block each token's k/v are written to."""
