@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from engine.core_messages import AbortRequest, AddRequest
 from engine.engine_config import EngineConfig
 from engine.errors import (
     EngineDeadError,
@@ -59,17 +60,7 @@ class Health:
         return f"{self.state.value}: {self.detail}" if self.detail else self.state.value
 
 
-@dataclasses.dataclass(frozen=True)
-class AddRequest:
-    request: PreparedRequest
-
-
-@dataclasses.dataclass(frozen=True)
-class AbortRequest:
-    request_id: str
-
-
-Command = AddRequest | AbortRequest
+Command = AddRequest | AbortRequest  # the engine-core process's messages, here on a queue
 
 
 @dataclasses.dataclass
