@@ -10,7 +10,7 @@ import torch
 
 from engine import ModelConfig, load_model
 from training.batching import IGNORE, collate, teacher_forced
-from training.data import Corpus
+from training.data import Corpus, Mixture
 from training.decode import greedy_decode
 from training.evaluate import evaluate
 from training.train import TrainConfig, lr_at, train
@@ -103,3 +103,40 @@ def test_eval_report_has_every_number(tmp_path):
     report.update(model="tiny", split="test")
     plot_eval(report, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").stat().st_size > 1000
+
+
+def test_init_from_starts_at_the_checkpoint_weights(tmp_path):
+    first = train(TINY, quick(tmp_path / "a", steps=4, warmup_steps=2, eval_every=4))
+    init = quick(tmp_path / "b", steps=1, warmup_steps=0, lr=0.0, init_from=str(tmp_path / "a"))
+    started = train(TINY, init)  # lr 0: the one step changes nothing, weights are a's
+    for (name, a), b in zip(first.model.state_dict().items(),
+                            started.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    wrong = TINY.replace(d_model=32, head_dim=8)
+    with pytest.raises(ValueError, match="do not fit the model config"):
+        train(wrong, quick(tmp_path / "c", steps=1, warmup_steps=0, init_from=str(tmp_path / "a")))
+
+
+def test_task_mix_is_validated_and_drives_the_draws():
+    cfg = TrainConfig(task_mix="add=1,sub=0,mul=0,expr=0,fact=1")
+    mixture = cfg.mixture()
+    assert dict(mixture.task_weights) == {"add": 0.5, "sub": 0.0, "mul": 0.0, "expr": 0.0,
+                                          "fact": 0.5}
+    assert Mixture.parse(mixture.describe()) == mixture
+    import random
+    corpus = Corpus(0, mixture=mixture)
+    rng = random.Random(0)
+    tasks = {corpus.sample("train", rng).problem.task for _ in range(200)}
+    assert tasks == {"add", "fact"}
+    for bad, says in (("add=1", "names every task"), ("add=x,sub=0,mul=0,expr=0,fact=0",
+                                                       "must be a number"),
+                      ("add=1,add=2", "each of"), ("add=-1,sub=0,mul=0,expr=0,fact=1", ">= 0"),
+                      ("add=0,sub=0,mul=0,expr=0,fact=0", "more than 0")):
+        with pytest.raises(ValueError, match=says):
+            TrainConfig(task_mix=bad)
+
+
+def test_cli_rejects_a_missing_init_checkpoint(tmp_path, capsys):
+    from training.cli import main
+    assert main(["train", "--out", str(tmp_path), "--init-from", str(tmp_path / "none")]) == 2
+    assert "no model.safetensors there" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def write_card(dest: Path, config: ModelConfig, report: dict[str, Any],
         "![training](training.png)", "",
         *_results_lines(report, config), "",
         *_reproduce_lines(facts, config), "",
-        *_kept_notes(dest),
+        *kept_notes(dest / "README.md"),
     ]
     (dest / "README.md").write_text("\n".join(lines) + "\n")
 
@@ -325,10 +325,9 @@ def _semantics_lines(cfg: dict[str, Any], compare: dict[str, dict[str, Any]]) ->
     ]
 
 
-def _kept_notes(dest: Path) -> list[str]:
-    """The hand-written part of an existing card (from NOTES_MARKER on), kept on rewrite."""
-    card = dest / "README.md"
-    text = card.read_text() if card.is_file() else ""
+def kept_notes(page: Path) -> list[str]:
+    """The hand-written part of a generated page (from NOTES_MARKER on), kept on rewrite."""
+    text = page.read_text() if page.is_file() else ""
     _, marker, notes = text.partition(NOTES_MARKER)
     return [NOTES_MARKER + notes.rstrip("\n")] if marker else [NOTES_MARKER]
 

@@ -46,6 +46,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     p.add_argument("--val-per-cell", type=int, default=DEFAULTS.val_per_cell)
     p.add_argument("--threads", type=int, default=DEFAULTS.threads)
+    p.add_argument("--mix", default=DEFAULTS.task_mix, metavar="TASK=WEIGHT,...",
+                   help="training task weights, every task once, e.g. "
+                        "add=0.35,sub=0.2,mul=0.15,expr=0.05,fact=0.25 (default: data.Mixture)")
+    p.add_argument("--init-from", default=DEFAULTS.init_from, metavar="MODEL_DIR",
+                   help="start from this checkpoint's weights (fresh optimizer and schedule); "
+                        "its config.json is the model config unless --model names another")
     p.add_argument("--resume", action="store_true",
                    help=f"continue from {STATE_FILE} in --out if it exists")
     return p
@@ -75,20 +81,30 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed, data_seed=args.data_seed, semantics=args.semantics,
         train_threshold=args.threshold, ponder_weight=args.ponder_weight,
         log_every=args.log_every, eval_every=args.eval_every, val_per_cell=args.val_per_cell,
-        threads=args.threads)
+        threads=args.threads, task_mix=args.mix, init_from=args.init_from)
 
 
 def main(argv: list[str]) -> int:
     args = build_parser(f"loopserve {argv[0]}").parse_args(argv[1:])
+    if args.init_from and not (Path(args.init_from) / "model.safetensors").is_file():
+        print(f"loopserve train: --init-from {args.init_from}: no model.safetensors there "
+              "(give a checkpoint directory such as models/loopserve-tiny)", file=sys.stderr)
+        return 2
     try:
         cfg = train_config(args)
         resuming = args.resume and (Path(args.out) / STATE_FILE).is_file()
         # a resumed run keeps the model config it started with
         name = str(Path(args.out) / "config.json") if resuming else args.model
+        if not resuming and args.init_from and args.model == "bundled":
+            name = str(Path(args.init_from) / "config.json")
         model_cfg = model_config(name, [] if resuming else args.set)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         print(f"loopserve train: {exc}", file=sys.stderr)
         return 2
-    state = train(model_cfg, cfg, resume=args.resume)
+    try:
+        state = train(model_cfg, cfg, resume=args.resume)
+    except ValueError as exc:  # weights that do not fit the config
+        print(f"loopserve train: {exc}", file=sys.stderr)
+        return 2
     print(f"trained {state.step} steps in {state.elapsed_s / 60:.1f} min; model in {args.out}")
     return 0

@@ -249,6 +249,31 @@ class Mixture:
     difficulty_weights: tuple[float, ...] = (0.1, 0.35, 0.4, 0.15)  # digits 1..4
     chat_fraction: float = 0.5
 
+    @classmethod
+    def parse(cls, text: str) -> Mixture:
+        """`add=0.35,sub=0.2,...`: task weights (every task named once, any positive scale)."""
+        weights: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            task, sep, value = item.partition("=")
+            if not sep or task not in TASKS or task in weights:
+                raise ValueError(f"a task mix is TASK=WEIGHT pairs, each of {', '.join(TASKS)} "
+                                 f"once; got {item!r} in {text!r}")
+            try:
+                weights[task] = float(value)
+            except ValueError:
+                raise ValueError(f"task weight must be a number, got {item!r}") from None
+            if not weights[task] >= 0:
+                raise ValueError(f"task weight must be >= 0, got {item!r}")
+        if set(weights) != set(TASKS) or sum(weights.values()) <= 0:
+            raise ValueError(f"a task mix names every task ({', '.join(TASKS)}) with weights "
+                             f"summing to more than 0; got {text!r}")
+        total = sum(weights.values())
+        return cls(task_weights=tuple((t, weights[t] / total) for t in TASKS))
+
+    def describe(self) -> str:
+        """The inverse of `parse` (normalised weights)."""
+        return ",".join(f"{t}={w:g}" for t, w in self.task_weights)
+
 
 class Corpus:
     """Seeded problem source for every split; the same seed gives the same corpus."""

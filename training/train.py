@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from model.looplm import LoopLM
 from model.tokenizer import BYTE_SPECIALS
-from model.weights import save_model
+from model.weights import load_model, save_model
 from training.batching import IGNORE, Batch, chunks, collate, teacher_forced
-from training.data import Corpus, Example
+from training.data import Corpus, Example, Mixture
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "log.jsonl"
@@ -66,8 +66,14 @@ class TrainConfig:
     eval_every: int = 250
     val_per_cell: int = 16
     threads: int = 2
+    task_mix: str = ""  # "add=0.35,sub=0.2,...": training task weights ("" = data.Mixture())
+    init_from: str = ""  # a model directory whose weights start the run ("" = random init)
+
+    def mixture(self) -> Mixture:
+        return Mixture.parse(self.task_mix) if self.task_mix else Mixture()
 
     def __post_init__(self) -> None:
+        self.mixture()  # a bad mix fails here, naming what is allowed
         if self.semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {self.semantics!r}")
         for name in ("steps", "batch_size", "log_every", "eval_every", "threads"):
@@ -120,7 +126,19 @@ def train_threshold(cfg: TrainConfig, model_cfg: ModelConfig, step: int) -> floa
 def new_state(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainState:
     torch.manual_seed(cfg.seed)
     model = LoopLM(model_cfg)
+    if cfg.init_from:
+        _load_initial_weights(model, cfg.init_from)
     return TrainState(model, build_optimizer(model, cfg), random.Random(f"train:{cfg.seed}"))
+
+
+def _load_initial_weights(model: LoopLM, directory: str) -> None:
+    """Start from a trained checkpoint (same shapes; non-shape config fields may differ)."""
+    source = load_model(directory)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"--init-from {directory}: its weights do not fit the model config "
+                         f"({str(exc).splitlines()[-1].strip()})") from None
 
 
 # ---------------------------------------------------------------------- one step
@@ -260,7 +278,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False) -> Tra
     out.mkdir(parents=True, exist_ok=True)
     can_resume = resume and (out / STATE_FILE).is_file()
     state = resume_state(model_cfg, cfg) if can_resume else new_state(model_cfg, cfg)
-    corpus = Corpus(cfg.data_seed)
+    corpus = Corpus(cfg.data_seed, mixture=cfg.mixture())
     val_set = corpus.held_out("val", cfg.val_per_cell)
     logger = RunLogger(out / LOG_FILE, cfg.steps, cfg.log_every, fresh=not can_resume)
     logger.event({"event": "start", "step": state.step, "train_config": dataclasses.asdict(cfg),
