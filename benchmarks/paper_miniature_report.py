@@ -1,0 +1,189 @@
+"""Table and figure of the paper miniature (benchmarks/paper_miniature.py's JSON files).
+
+    python -m benchmarks.paper_miniature_report        # writes paper_miniature.md and .png
+
+Numbers are means over the seeds found, with the spread (max - min) after a +-; exact match
+is teacher-forced on the held-out test split in served (adaptive) semantics. The hand-written
+part of the page (after the notes marker) survives a rewrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.paper_miniature import RESULTS, VARIANTS
+from training.card import kept_notes
+
+PAGE = Path("benchmarks/paper_miniature.md")
+# the table's columns: name -> the cells pooled into it (weighted by their sizes)
+COLUMNS = {"add 2": ("add2",), "add 3": ("add3",), "add 4": ("add4",),
+           "sub": ("sub1", "sub2", "sub3", "sub4"), "mul": ("mul1", "mul2", "mul3", "mul4"),
+           "expr": ("expr",), "fact": ("fact",)}
+
+
+def load(results: Path) -> dict[str, list[dict[str, Any]]]:
+    """{variant: [one record per seed]}, in VARIANTS order."""
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted(results.glob("*.json")):
+        record = json.loads(path.read_text())
+        runs[record["variant"]].append(record)
+    return {name: runs[name] for name in VARIANTS if name in runs}
+
+
+def pooled(record: dict[str, Any], cells: tuple[str, ...], semantics: str = "adaptive") -> float:
+    """Exact match over the cells measured (weighted by size); nan when none was."""
+    match, sizes = record[semantics]["exact_match"], record["cell_sizes"]
+    present = [c for c in cells if c in sizes]
+    total = sum(sizes[c] for c in present)
+    return sum(match[c] * sizes[c] for c in present) / total if total else math.nan
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    """`mean +- (max - min)` over seeds; just the value for one seed."""
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {(max(values) - min(values)) * scale:.{digits}f}"
+
+
+def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-variant means (and per-seed values) of everything the page shows."""
+    first = records[0]
+    layers = len(first["adaptive"]["loops_per_layer"])
+    return {
+        "label": first["label"], "seeds": sorted(r["seed"] for r in records),
+        "parameters": first["parameters"], "flops": first["flops_per_token_max_depth"],
+        "columns": {c: [pooled(r, cells) for r in records] for c, cells in COLUMNS.items()},
+        "bpb": [r["adaptive"]["answer_bits_per_byte"] for r in records],
+        "bpb_exact": [r["exact"]["answer_bits_per_byte"] for r in records],
+        "loops": [statistics.fmean(r["adaptive"]["loops_per_layer"][i] for r in records)
+                  for i in range(layers)],
+        "gates": [[statistics.fmean(r["adaptive"]["gates_per_layer"][i][k] for r in records)
+                   for k in (0, 1)] for i in range(layers)],
+        "minutes": statistics.fmean(r["train_minutes"] for r in records),
+        "memory": first["model_config"]["local_memory_slots"] > 0,
+    }
+
+
+def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    head = ("| variant | seeds | params | MFLOPs/token (max depth) | "
+            + " | ".join(f"{c} EM %" for c in COLUMNS) + " | answer bits/byte | train min |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in summaries.values():
+        cells = " | ".join(spread(v, 100) for v in s["columns"].values())
+        rows.append(f"| {s['label']} | {len(s['seeds'])} | {s['parameters'] / 1e3:.0f}k | "
+                    f"{s['flops'] / 1e6:.2f} | {cells} | {spread(s['bpb'], digits=3)} | "
+                    f"{s['minutes']:.1f} |")
+    return rows
+
+
+def layer_rows(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    rows = ["| variant | mean loops per layer (first to last) | local gate per layer | "
+            "global gate per layer |", "|---|---|---|---|"]
+    for s in summaries.values():
+        loops = " / ".join(f"{x:.2f}" for x in s["loops"])
+        local = " / ".join(f"{g[0]:.3f}" for g in s["gates"]) if s["memory"] else "-"
+        glob = " / ".join(f"{g[1]:.3f}" for g in s["gates"]) if s["memory"] else "-"
+        rows.append(f"| {s['label']} | {loops} | {local} | {glob} |")
+    return rows
+
+
+def page_lines(summaries: dict[str, dict[str, Any]], steps: int, batch: int) -> list[str]:
+    return [
+        "# A miniature of the paper's comparison", "",
+        "Base (1 loop, no memory), Loop-3, Mem, Loop-3 + Mem and a dense model with 3x the "
+        "layers (equal matmul FLOPs to Loop-3 at max depth), all 64 wide, trained on the "
+        f"project's synthetic corpus with the same data stream, {steps} steps of batch "
+        f"{batch}, mixed semantics and ponder weight 0.01, one CPU thread each. Measured on "
+        "the held-out test split (up to 100 distinct problems per task and difficulty in "
+        "both formats, every fact in its never-trained phrasing), teacher-forced, in served "
+        "semantics (adaptive, threshold 0.01). Exact match (EM) in percent and answer bits "
+        "per byte are means over the seeds, ± the spread (max - min) between seeds.", "",
+        "```bash",
+        "python -m benchmarks.paper_miniature --only base loop3 mem loop3_mem dense_iso "
+        "--seeds 0 1",
+        "python -m benchmarks.paper_miniature --only loop3_mem_ponder0 loop3_mem_gate3 "
+        "--seeds 0",
+        "python -m benchmarks.paper_miniature_report",
+        "```", "",
+        *comparison_rows(summaries), "",
+        "Layer specialisation (served semantics, all real tokens; gates are the mean "
+        "sigmoid gate on the local and global memory reads):", "",
+        *layer_rows(summaries), "",
+        "![paper miniature](paper_miniature.png)", "",
+    ]
+
+
+def plot(summaries: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    _plot_accuracy(axes[0], summaries)
+    _plot_layers(axes[1], summaries, "loops", "mean loop steps", "Loops per layer")
+    _plot_layers(axes[2], summaries, "gates", "mean gate (local solid, global dashed)",
+                 "Memory gates per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_accuracy(ax: Any, summaries: dict[str, dict[str, Any]]) -> None:
+    width = 0.8 / len(summaries)
+    for i, s in enumerate(summaries.values()):
+        xs = [j + (i - (len(summaries) - 1) / 2) * width for j in range(len(COLUMNS))]
+        means = [100 * statistics.fmean(v) for v in s["columns"].values()]
+        errs = [50 * (max(v) - min(v)) for v in s["columns"].values()]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=s["label"])
+    ax.set(xticks=range(len(COLUMNS)), xticklabels=list(COLUMNS), ylabel="exact match %",
+           title="Held-out exact match (bars: seed range)", ylim=(0, 100))
+    ax.legend(fontsize=7)
+
+
+def _plot_layers(ax: Any, summaries: dict[str, dict[str, Any]], key: str, ylabel: str,
+                 title: str) -> None:
+    for s in summaries.values():
+        layers = range(1, len(s["loops"]) + 1)
+        if key == "loops":
+            ax.plot(layers, s["loops"], marker="o", label=s["label"])
+        elif s["memory"]:
+            line, = ax.plot(layers, [g[0] for g in s["gates"]], marker="o", label=s["label"])
+            ax.plot(layers, [g[1] for g in s["gates"]], marker="x", ls="--",
+                    color=line.get_color())
+    ax.set(xlabel="layer", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.paper_miniature_report",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--page", type=Path, default=PAGE)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    runs = load(args.results)
+    if not runs:
+        p.error(f"no results in {args.results}: run python -m benchmarks.paper_miniature")
+    summaries = {name: summary(records) for name, records in runs.items()}
+    first = next(iter(runs.values()))[0]
+    lines = page_lines(summaries, first["steps"], first["batch_size"])
+    args.page.write_text("\n".join([*lines, *kept_notes(args.page)]) + "\n")
+    if not args.no_plot:
+        plot(summaries, args.page.with_suffix(".png"))
+    print(json.dumps({name: {"em": {c: round(statistics.fmean(v), 4)
+                                    for c, v in s["columns"].items()},
+                             "bpb": round(statistics.fmean(s["bpb"]), 4), "loops": s["loops"]}
+                      for name, s in summaries.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
