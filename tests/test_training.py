@@ -140,3 +140,28 @@ def test_cli_rejects_a_missing_init_checkpoint(tmp_path, capsys):
     from training.cli import main
     assert main(["train", "--out", str(tmp_path), "--init-from", str(tmp_path / "none")]) == 2
     assert "no model.safetensors there" in capsys.readouterr().err
+
+
+def test_card_says_where_the_weights_started_and_the_mix(tmp_path):
+    from engine import LoopLM
+    from training.card import read_log, ship, train_commands, training_facts, write_card
+    train(TINY, quick(tmp_path / "a", steps=2, warmup_steps=1, eval_every=2))
+    mix = "add=0.5,sub=0.2,mul=0.1,expr=0.1,fact=0.1"
+    train(TINY, quick(tmp_path / "b", steps=2, warmup_steps=1, eval_every=2, task_mix=mix,
+                      lr=1e-3, init_from=str(tmp_path / "a")))
+    records = read_log(tmp_path / "b")
+    command = train_commands(training_facts(records))[0]
+    assert f"--init-from {tmp_path / 'a'}" in command and f"--mix {mix}" in command
+    assert "--lr 0.001" in command and "--batch-size 16" in command
+    dest = tmp_path / "card"
+    config = ship(tmp_path / "b", dest, threshold=0.3)
+    torch.manual_seed(0)
+    report = evaluate(LoopLM(TINY).eval(), Corpus(0).held_out("test", 1)[::40], threshold=0.3,
+                      max_new_tokens=3, sweep=(0.0, 0.3))
+    report.update(model=str(dest), split="test")
+    write_card(dest, config, report, records, compare={})
+    card = (dest / "README.md").read_text()
+    assert f"starting from the weights of `{tmp_path / 'a'}`" in card
+    assert "Task mix: add 50%, sub 20%, mul 10%, expr 10%, fact 10%" in card
+    assert "| 2-digit addition, exact match | >= 95.0% |" in card
+    assert "better than the previous 3.3%" in card

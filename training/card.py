@@ -28,11 +28,15 @@ from training.train import TrainConfig, lr_at
 
 NOTES_MARKER = "<!-- notes: written by hand below this line; training/card.py keeps them -->"
 TARGETS = (  # (label, key in the eval report, goal: met when measured >= goal)
-    ("2-3 digit addition, exact match", "add_2_3_digit_exact_match", 0.90),
-    ("fact recall", "fact_recall", 0.90),
+    ("2-digit addition, exact match", "add_2_digit_exact_match", 0.95),
+    ("3-digit addition, exact match", "add_3_digit_exact_match", 0.90),
+    ("fact recall in held-out phrasings", "fact_recall", 0.95),
     ("adaptive vs exact token agreement", "token_agreement", 0.99),
-    ("compute saved at the default threshold", "compute_saved", 0.30),
+    ("compute saved at the default threshold", "compute_saved", 0.40),
 )
+# the previous bundled model's test figures (its eval.json at commit 2bafd58): the goals ask
+# for better subtraction and multiplication than these
+PREVIOUS = {"sub_exact_match": 0.0327, "mul_exact_match": 0.1739}
 
 
 def ship(run: Path, dest: Path, threshold: float | None) -> ModelConfig:
@@ -64,6 +68,12 @@ def target_rows(report: dict[str, Any]) -> list[str]:
         met = "met" if values[key] >= goal else "**missed**"
         rows.append(f"| {label} | >= {_pct(goal)} | {_pct(values[key])} | {met} |")
     t = report["targets"]
+    for label, key in (("subtraction", "sub_exact_match"), ("multiplication",
+                                                            "mul_exact_match")):
+        if key in t:
+            better = "met" if t[key] > PREVIOUS[key] else "**missed**"
+            rows.append(f"| {label}, exact match (all digits) | better than the previous "
+                        f"{_pct(PREVIOUS[key])} | {_pct(t[key])} | {better} |")
     rows.append(f"| later layers loop more than early ones | (paper: yes) | "
                 f"{'yes' if t['later_layers_loop_more'] else '**no**'} | |")
     rows.append(f"| later layers read memory more | (paper: yes) | "
@@ -130,15 +140,22 @@ def training_facts(records: list[dict[str, Any]]) -> dict[str, Any]:
             "wall_min": val[-1]["elapsed_s"] / 60, "final_ce": train[-1]["ce"]}
 
 
+# TrainConfig field -> its `loopserve train` flag, where the two names differ
+FLAGS = {"train_threshold": "threshold", "task_mix": "mix"}
+NOT_FLAGS = ("out_dir", "min_lr_ratio", "grad_clip")  # --out is always given; no flags
+
+
 def train_commands(facts: dict[str, Any]) -> list[str]:
-    """One `loopserve train` command per session of the run (later ones with --resume)."""
+    """One `loopserve train` command per session of the run (later ones with --resume),
+    naming every setting that differs from the defaults."""
+    defaults = TrainConfig()
     commands = []
     for start in facts["starts"]:
         c = start["train_config"]
+        flags = [f"--{FLAGS.get(k, k).replace('_', '-')} {v}" for k, v in c.items()
+                 if k not in NOT_FLAGS and v != getattr(defaults, k, v)]
         resume = " --resume" if start["step"] > 0 else ""
-        commands.append(f"loopserve train --out {c['out_dir']} --semantics {c['semantics']} "
-                        f"--steps {c['steps']} --eval-every {c['eval_every']} "
-                        f"--threads {c['threads']}{resume}")
+        commands.append(f"loopserve train --out {c['out_dir']} {' '.join(flags)}{resume}")
     return commands
 
 
@@ -146,7 +163,7 @@ def train_commands(facts: dict[str, Any]) -> list[str]:
 def write_card(dest: Path, config: ModelConfig, report: dict[str, Any],
                records: list[dict[str, Any]], compare: dict[str, dict[str, Any]]) -> None:
     facts = training_facts(records)
-    corpus = Corpus(facts["cfg"]["data_seed"])
+    corpus = Corpus(facts["cfg"]["data_seed"], mixture=_mixture(facts["cfg"]))
     lines = [
         *_header_lines(dest, config, facts), "",
         *_answers_lines(report, corpus), "",
@@ -168,12 +185,20 @@ def _header_lines(dest: Path, config: ModelConfig, facts: dict[str, Any]) -> lis
         "# loopserve-tiny", "",
         f"The model `loopserve serve` loads by default: a "
         f"{parameter_count(config) / 1e6:.2f}M-parameter looped transformer with gated memory "
-        f"({size_mb:.1f} MB, fp32), trained from scratch in {facts['wall_min']:.0f} minutes on "
-        "a 2-core CPU to add, subtract and multiply small numbers and to recall a table of "
-        "invented facts. How well it does each, and how its loops and memory reads spread, is "
-        "measured below. It is a test-and-demo model, not a language model: it knows only the "
+        f"({size_mb:.1f} MB, fp32), trained {_origin(facts)} to add, subtract and multiply "
+        "small numbers and to recall a table of invented facts. How well it does each, and "
+        "how its loops and memory reads spread, is measured below. It is a test-and-demo model, not a language model: it knows only the "
         "corpus below.",
     ]
+
+
+def _origin(facts: dict[str, Any]) -> str:
+    minutes = f"{facts['wall_min']:.0f} minutes on a 2-core CPU"
+    init = facts["cfg"].get("init_from", "")
+    if not init:
+        return f"from scratch in {minutes}"
+    return (f"for {minutes}, starting from the weights of `{init}` as it was then (see "
+            "Training and the notes)")
 
 
 def _answers_lines(report: dict[str, Any], corpus: Corpus) -> list[str]:
@@ -226,12 +251,21 @@ def _training_lines(facts: dict[str, Any]) -> list[str]:
         f"seed {cfg['data_seed']}). {_resume_note(facts)}{facts['steps']} steps, "
         f"{facts['steps'] * cfg['batch_size']:,} examples, **{facts['wall_min']:.1f} minutes** "
         "of training wall time on a 2-core CPU shared with other work; final answer "
-        f"cross-entropy {facts['final_ce']:.3f}.",
+        f"cross-entropy {facts['final_ce']:.3f}.{_init_note(cfg)}",
         "",
         "The loss is the cross-entropy of the answer tokens (prompts are not scored) plus the "
         "ponder penalty: `ponder_weight * (mean expected loop steps of every real token - 1) "
         "/ (N - 1)`.",
     ]
+
+
+def _init_note(cfg: dict[str, Any]) -> str:
+    init = cfg.get("init_from", "")
+    if not init:
+        return ""
+    return (f" The run starts from the weights of `{init}` (the bundled model before it) with "
+            "a fresh optimizer, warmup and cosine; how those weights were trained is in the "
+            "notes, and reproducing this run needs them.")
 
 
 def _resume_note(facts: dict[str, Any]) -> str:
@@ -290,8 +324,13 @@ def _fact_examples(corpus: Corpus) -> str:
     return ", ".join(f"the {names[r]} of {country} is {a}" for r, a in facts.items())
 
 
+def _mixture(cfg: dict[str, Any]) -> Mixture:
+    mix = cfg.get("task_mix", "")  # runs older than --mix have no such field
+    return Mixture.parse(mix) if mix else Mixture()
+
+
 def _data_lines(corpus: Corpus) -> list[str]:
-    mixture = Mixture()
+    mixture = corpus.mixture
     weights = ", ".join(f"{t} {w:.0%}" for t, w in mixture.task_weights)
     levels = ", ".join(f"{d}-digit {w:.0%}" for d, w in
                        zip(DIFFICULTIES["add"], mixture.difficulty_weights, strict=True))

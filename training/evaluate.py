@@ -260,13 +260,17 @@ def evaluate(model: LoopLM, examples: list[Example], threshold: float, max_new_t
 
 def targets(exact: list[Decoded], adaptive: list[Decoded], loops: dict[str, Any],
             gates: dict[str, list[float]]) -> dict[str, Any]:
-    """The numbers issue 3 sets targets on (adaptive semantics is what the server runs)."""
+    """The numbers the bundled model has goals on (adaptive semantics is what is served)."""
     per_layer = loops["loops_per_layer"]
     memory = [a + b for a, b in zip(gates["local"], gates["global"], strict=True)]
     half = len(per_layer) // 2
     return {
         "add_2_3_digit_exact_match": accuracy_of(adaptive, "add", (2, 3)),
         "add_2_3_digit_exact_match_exact_semantics": accuracy_of(exact, "add", (2, 3)),
+        "add_2_digit_exact_match": accuracy_of(adaptive, "add", (2,)),
+        "add_3_digit_exact_match": accuracy_of(adaptive, "add", (3,)),
+        "sub_exact_match": accuracy_of(adaptive, "sub", (1, 2, 3, 4)),
+        "mul_exact_match": accuracy_of(adaptive, "mul", (1, 2, 3, 4)),
         "fact_recall": accuracy_of(adaptive, "fact", (1,)),
         "fact_recall_exact_semantics": accuracy_of(exact, "fact", (1,)),
         "later_layers_loop_more": sum(per_layer[half:]) > sum(per_layer[:half]),
