@@ -187,8 +187,8 @@ def _header_lines(dest: Path, config: ModelConfig, facts: dict[str, Any]) -> lis
         f"{parameter_count(config) / 1e6:.2f}M-parameter looped transformer with gated memory "
         f"({size_mb:.1f} MB, fp32), trained {_origin(facts)} to add, subtract and multiply "
         "small numbers and to recall a table of invented facts. How well it does each, and "
-        "how its loops and memory reads spread, is measured below. It is a test-and-demo model, not a language model: it knows only the "
-        "corpus below.",
+        "how its loops and memory reads spread, is measured below. It is a test-and-demo "
+        "model, not a language model: it knows only the corpus below.",
     ]
 
 
