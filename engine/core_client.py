@@ -10,10 +10,13 @@ the event loop), and a reader that hands each `OutputBatch`'s deltas to the stre
 loops (one hand-off per loop per batch), its step statistics to the stats callback
 (metrics), and its status to `health` and the gauges.
 
-Failure semantics: the core's death (EOF on the pipe, or the process gone) or silence for
-more than `core_timeout` seconds (it sends at least every 0.1 s, even mid-generation) makes
-the core dead: the cause is logged, a silent core is killed, every request in flight ends
-with `EngineDeadError` (HTTP 503), and `health()` reports it.
+Failure semantics: the core is dead when the process is gone (EOF on the pipe, or no
+process), when it is silent for more than `core_timeout` seconds (its heartbeat thread
+sends at least every 0.1 s, even in the middle of a long step: silence means the process
+is frozen), or when its step loop reports one iteration running for more than
+`step_timeout` seconds (a stuck step; a long one below the limit is fine). Then the cause
+is logged, a live core is killed, every request in flight ends with `EngineDeadError`
+(HTTP 503), and `health()` reports it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from engine.core_messages import (
     AddRequest,
     CallHook,
     CommandBatch,
+    CoreAlive,
     CoreDied,
     CoreFailed,
     CoreReady,
@@ -74,10 +78,11 @@ POLL_SECONDS = 0.05  # how often the reader looks at the core's liveness while i
 class EngineCoreClient:
     def __init__(self, model_dir: str | Path | None, config: EngineConfig | None = None,
                  max_queue: int = 256, stall_timeout: float = 60.0, core_timeout: float = 2.0,
-                 startup_timeout: float = 600.0) -> None:
+                 step_timeout: float = 60.0, startup_timeout: float = 600.0) -> None:
         self.max_queue = max_queue
         self.stall_timeout = stall_timeout
         self.core_timeout = core_timeout
+        self.step_timeout = step_timeout
         self.stats_callback: Callable[[StepStats], None] | None = None
         self._streams: dict[str, _Stream] = {}
         self._texts: dict[str, RequestDetokenizer] = {}  # of the requests in flight
@@ -336,8 +341,14 @@ class EngineCoreClient:
         if not self.process.is_alive():
             self._on_eof()
         elif silent > self.core_timeout:
-            self._mark_dead(f"engine core stopped answering (nothing for {silent:.1f}s, "
-                            f"limit {self.core_timeout:g}s); it was killed")
+            self._mark_dead(f"engine core process stopped answering (nothing for "
+                            f"{silent:.1f}s, limit {self.core_timeout:g}s); it was killed")
+            self._kill()
+
+    def _check_step(self, busy_s: float) -> None:
+        if busy_s > self.step_timeout:
+            self._mark_dead(f"engine core step is stuck (one loop iteration has run for "
+                            f"{busy_s:.1f}s, limit {self.step_timeout:g}s); it was killed")
             self._kill()
 
     def _on_eof(self) -> None:
@@ -369,6 +380,8 @@ class EngineCoreClient:
             self._deliver(message.request_id, message.error)
         elif isinstance(message, HookResult):
             self._on_hook_result(message)
+        elif isinstance(message, CoreAlive):
+            self._check_step(message.loop_busy_s)
         elif isinstance(message, CoreDied):
             self._died_reason = message.reason
 

@@ -9,8 +9,9 @@ API -> core: a `CommandBatch` of `AddRequest`, `AbortRequest`, `CallHook` (tests
 `Shutdown`.
 Core -> API: `CoreReady` or `CoreFailed` once at start-up; then `OutputBatch` (every
 touched request's delta of one step, the step's statistics and the core's status; also sent
-alone as a heartbeat while idle), `RequestFailed`, `HookResult`, and `CoreDied` before the
-core exits because its loop raised.
+alone while idle), `CoreAlive` (from the core's heartbeat thread, whenever nothing else
+went out for a while, even in the middle of a long step), `RequestFailed`, `HookResult`,
+and `CoreDied` before the core exits because its loop raised.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from engine.input_processor import InputProcessor, PreparedRequest
 from engine.llm_engine import StepStats
 from engine.request import RequestOutput
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(RuntimeError):
@@ -111,12 +112,20 @@ class HookResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class CoreAlive:
+    """The core process runs; its step loop has been in its current iteration this long."""
+
+    loop_busy_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class CoreDied:
     reason: str
 
 
 ToCore = AddRequest | AbortRequest | CallHook | Shutdown | CommandBatch
-FromCore = CoreReady | CoreFailed | OutputBatch | RequestFailed | HookResult | CoreDied
+FromCore = (CoreReady | CoreFailed | OutputBatch | RequestFailed | HookResult | CoreAlive
+            | CoreDied)
 
 
 def encode(message: ToCore | FromCore) -> bytes:

@@ -4,8 +4,11 @@
 answers `CoreReady` (or `CoreFailed` with the load error), then loops: take every command
 waiting on the pipe, run one engine step while requests are unfinished, and send one
 `OutputBatch` with the deltas of every request the step touched, the step's statistics and
-the core's status. While idle it sends the status alone every `HEARTBEAT_SECONDS`, so the
-API process can tell a quiet core from a hung one.
+the core's status. While idle it sends the status alone every `HEARTBEAT_SECONDS`. A
+heartbeat thread sends `CoreAlive` whenever nothing went out for `HEARTBEAT_SECONDS`, with
+how long the loop has been in its current iteration: the process is known to run even
+while one step takes minutes (a long prefill, a first CUDA graph capture), and the API
+process judges the step itself against its own, longer limit.
 
 The core sends token ids only: the API process detokenizes and applies stop strings
 (`engine.detokenizer`), and aborts a request here once a stop string ended it.
@@ -24,6 +27,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 
@@ -32,6 +36,7 @@ from engine.core_messages import (
     AddRequest,
     CallHook,
     CommandBatch,
+    CoreAlive,
     CoreDied,
     CoreFailed,
     CoreReady,
@@ -101,6 +106,8 @@ class EngineCore:
         self.adds_seen = 0
         self.stop = False
         self.last_sent = 0.0
+        self.iteration_started = time.monotonic()
+        self._send_lock = threading.Lock()  # the loop and the heartbeat thread both send
         self._stats: StepStats | None = None
         llm.stats_callback = self._keep_stats
 
@@ -108,8 +115,11 @@ class EngineCore:
         self._stats = stats
 
     def run(self) -> None:
+        threading.Thread(target=self._heartbeat, name="loopserve-core-heartbeat",
+                         daemon=True).start()
         try:
             while not self.stop:
+                self.iteration_started = time.monotonic()
                 self._loop_once()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             logger.info("the API process is gone; the engine core exits")
@@ -132,6 +142,16 @@ class EngineCore:
 
     def _heartbeat_due(self) -> bool:
         return time.monotonic() - self.last_sent >= HEARTBEAT_SECONDS
+
+    def _heartbeat(self) -> None:
+        """Thread: `CoreAlive` whenever the loop has sent nothing for HEARTBEAT_SECONDS."""
+        while not self.stop:
+            time.sleep(HEARTBEAT_SECONDS / 2)
+            if self._heartbeat_due():
+                try:
+                    self._send(CoreAlive(time.monotonic() - self.iteration_started))
+                except OSError:
+                    return  # the API process is gone; the loop notices too
 
     # ------------------------------------------------------------------ commands
     def _take_commands(self, timeout: float) -> tuple[list[RequestOutput], bool]:
@@ -194,8 +214,10 @@ class EngineCore:
         self._send(OutputBatch(tuple(outputs), stats, self._status()))
 
     def _send(self, message: FromCore) -> None:
-        self.conn.send_bytes(encode(message))
-        self.last_sent = time.monotonic()
+        data = encode(message)
+        with self._send_lock:
+            self.conn.send_bytes(data)
+            self.last_sent = time.monotonic()
 
     def _send_quietly(self, message: FromCore) -> None:
         with contextlib.suppress(OSError):  # the API process may be gone already

@@ -60,7 +60,8 @@ def build_engine(settings: ServerSettings, config: EngineConfig) -> tuple[Engine
     else:
         engine = EngineCoreClient(path, config, max_queue=settings.max_queue,
                                   stall_timeout=settings.stall_timeout,
-                                  core_timeout=settings.core_timeout)
+                                  core_timeout=settings.core_timeout,
+                                  step_timeout=settings.step_timeout)
     return engine, settings.model_name(path)
 
 

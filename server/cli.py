@@ -69,8 +69,11 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
          "before /health fails", 60.0, float)
     _add(p, "--engine-thread", "run the engine loop on a thread of the server process "
          "(default: an engine-core process of its own)", type_=None)
-    _add(p, "--core-timeout", "seconds the engine-core process may go without answering (it "
-         "sends at least every 0.1 s) before it is declared dead and killed", 2.0, float)
+    _add(p, "--core-timeout", "seconds the engine-core process may send nothing (its "
+         "heartbeat thread sends every 0.1 s, even during a long step) before it is declared "
+         "dead and killed", 2.0, float)
+    _add(p, "--step-timeout", "seconds one engine-core step (loop iteration) may run before "
+         "it is declared stuck and the core killed", 60.0, float)
     _add(p, "--max-body-bytes", "largest request body accepted (413 above)", 1 << 20, int)
     _add(p, "--max-prompts", "most prompts in one /v1/completions request", 64, int)
     _add(p, "--allowed-origins", "comma-separated CORS origins ('*' for any; default: no CORS)",
@@ -125,8 +128,9 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, EngineConfi
         port=args.port, api_keys=tuple(args.api_key), max_queue=args.max_queue,
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
         stall_timeout=args.stall_timeout, engine_thread=args.engine_thread,
-        core_timeout=args.core_timeout, max_body_bytes=args.max_body_bytes,
-        max_prompts=args.max_prompts, allowed_origins=tuple(args.allowed_origins),
+        core_timeout=args.core_timeout, step_timeout=args.step_timeout,
+        max_body_bytes=args.max_body_bytes, max_prompts=args.max_prompts,
+        allowed_origins=tuple(args.allowed_origins),
         allowed_methods=tuple(args.allowed_methods), allowed_headers=tuple(args.allowed_headers),
         allow_credentials=args.allow_credentials, access_log=not args.no_access_log,
         log_level=args.log_level)

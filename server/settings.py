@@ -27,6 +27,7 @@ class ServerSettings:
     stall_timeout: float = 60.0  # /health fails when requests wait or run and no token comes
     engine_thread: bool = False  # True: the engine loop on a thread of this process
     core_timeout: float = 2.0  # an engine-core process silent this long is declared dead
+    step_timeout: float = 60.0  # one engine-core loop iteration this long: declared stuck
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_prompts: int = 64  # prompts in one /v1/completions request
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
@@ -45,7 +46,7 @@ class ServerSettings:
         for name in ("request_timeout", "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
-        for name in ("stall_timeout", "core_timeout"):
+        for name in ("stall_timeout", "core_timeout", "step_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if any(not key for key in self.api_keys):
