@@ -120,30 +120,10 @@ def _assert_ends_with_503_event(events: list[str], message: str) -> None:
     assert len(events) > 3  # content came before the core went away
 
 
-def test_killing_the_core_mid_stream_ends_the_stream_with_a_503_event(checkpoint):
-    with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
-        server.in_core("slow_steps", 0.01)
-        pid = server.state.engine.core_pid
-        events: list[str] = []
-        chunks = [0]
-        reader = _stream_in_background(server.url, events, chunks)
-        wait_until(lambda: chunks[0] > 3, 10, "streaming")
-        os.kill(pid, signal.SIGKILL)
-        reader.join(10)
-        assert not reader.is_alive(), "the stream hung after the core died"
-        _assert_ends_with_503_event(events, "exit code -9")
-        health = http.get("/health")
-        assert health.status_code == 503
-        assert health.json()["error"]["code"] == "engine_unavailable"
-        late = http.post("/v1/completions", json={"prompt": "late"})
-        assert late.status_code == 503 and "exit code -9" in late.json()["error"]["message"]
-        assert not alive(pid)
-
-
 def _dies_mid_stream(server: LiveServer, http: httpx.Client, stop_the_core, message: str
                      ) -> None:
-    """Stream, `stop_the_core(pid)`, then: /health 503 within 2 s naming `message`, the
-    stream ends with a 503 event, new requests get 503 and the core is killed."""
+    """Stream, `stop_the_core(pid)`, then: /health 503 soon, naming `message`, the stream
+    ends with a 503 event, new requests get 503 naming it, and the core is gone."""
     server.in_core("slow_steps", 0.01)
     pid = server.state.engine.core_pid
     events: list[str] = []
@@ -153,12 +133,20 @@ def _dies_mid_stream(server: LiveServer, http: httpx.Client, stop_the_core, mess
     stop_the_core(pid)
     took = wait_until(lambda: http.get("/health").status_code == 503, 5, "/health 503")
     assert took < 3.0  # the limit is 0.5 s; the rest is slack for a busy machine
-    assert message in http.get("/health").json()["error"]["message"]
+    health = http.get("/health").json()["error"]
+    assert health["code"] == "engine_unavailable" and message in health["message"]
     reader.join(10)
     assert not reader.is_alive(), "the stream hung after the core stopped"
     _assert_ends_with_503_event(events, message)
-    assert http.post("/v1/completions", json={"prompt": "late"}).status_code == 503
+    late = http.post("/v1/completions", json={"prompt": "late"})
+    assert late.status_code == 503 and message in late.json()["error"]["message"]
     wait_until(lambda: not alive(pid), 5, "the stopped core is killed")
+
+
+def test_killing_the_core_mid_stream_ends_the_stream_with_a_503_event(checkpoint):
+    with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
+        _dies_mid_stream(server, http, lambda pid: os.kill(pid, signal.SIGKILL),
+                         "exit code -9")
 
 
 def test_a_stuck_step_is_declared_dead_and_the_core_killed(checkpoint):
