@@ -119,12 +119,14 @@ def measure(model: LoopLM, examples: list[Example]) -> dict[str, Any]:
 
 
 def run_one(variant: Variant, seed: int, steps: int, batch_size: int,
-            examples: list[Example], runs: Path = RUNS) -> dict[str, Any]:
+            examples: list[Example], runs: Path = RUNS, per_cell: int | None = None
+            ) -> dict[str, Any]:
     cfg = train_config(variant, seed, steps, batch_size, runs)
     model_cfg = variant.config()
     state = train(model_cfg, cfg, resume=True)
     return {"variant": variant.name, "label": variant.label, "seed": seed, "steps": steps,
             "batch_size": batch_size, "ponder_weight": variant.ponder_weight,
+            "test_per_cell": per_cell, "test_examples": len(examples),
             "train_minutes": round(state.elapsed_s / 60, 2),
             "model_config": model_cfg.to_dict(), "parameters": parameter_count(model_cfg),
             "flops_per_token_max_depth": sequence_matmul_flops(model_cfg, 1),
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"== {name} seed {seed}", file=sys.stderr, flush=True)
             record = run_one(VARIANTS[name], seed, args.steps, args.batch_size, examples,
-                             args.runs)
+                             args.runs, args.per_cell)
             path.write_text(json.dumps(record, indent=1) + "\n")
             print(json.dumps(record), flush=True)
     return 0

@@ -94,14 +94,25 @@ def layer_rows(summaries: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
-def page_lines(summaries: dict[str, dict[str, Any]], steps: int, batch: int) -> list[str]:
+def common(runs: dict[str, list[dict[str, Any]]], key: str) -> Any:
+    """A setting every run shares (the page states it once); mixed runs are an error."""
+    values = {r.get(key) for records in runs.values() for r in records}
+    if len(values) != 1:
+        raise ValueError(f"the runs differ in {key} ({sorted(map(str, values))}): compare "
+                         "like with like, or keep them in separate --results folders")
+    return values.pop()
+
+
+def page_lines(summaries: dict[str, dict[str, Any]], steps: int, batch: int,
+               per_cell: int | None) -> list[str]:
     return [
         "# A miniature of the paper's comparison", "",
         "Base (1 loop, no memory), Loop-3, Mem, Loop-3 + Mem and a dense model with 3x the "
         "layers (equal matmul FLOPs to Loop-3 at max depth), all 64 wide, trained on the "
         f"project's synthetic corpus with the same data stream, {steps} steps of batch "
-        f"{batch}, mixed semantics and ponder weight 0.01, one CPU thread each. Measured on "
-        "the held-out test split (up to 100 distinct problems per task and difficulty in "
+        f"{batch}, mixed semantics and ponder weight 0.01 unless the name says otherwise, "
+        "one CPU thread each. Measured on the held-out test split (up to "
+        f"{per_cell or 'all'} distinct problems per task and difficulty in "
         "both formats, every fact in its never-trained phrasing), teacher-forced, in served "
         "semantics (adaptive, threshold 0.01). Exact match (EM) in percent and answer bits "
         "per byte are means over the seeds, ± the spread (max - min) between seeds.", "",
@@ -140,9 +151,11 @@ def _plot_accuracy(ax: Any, summaries: dict[str, dict[str, Any]]) -> None:
     width = 0.8 / len(summaries)
     for i, s in enumerate(summaries.values()):
         xs = [j + (i - (len(summaries) - 1) / 2) * width for j in range(len(COLUMNS))]
-        means = [100 * statistics.fmean(v) for v in s["columns"].values()]
-        errs = [50 * (max(v) - min(v)) for v in s["columns"].values()]
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=s["label"])
+        columns = list(s["columns"].values())
+        means = [100 * statistics.fmean(v) for v in columns]
+        below = [m - 100 * min(v) for m, v in zip(means, columns, strict=True)]
+        above = [100 * max(v) - m for m, v in zip(means, columns, strict=True)]
+        ax.bar(xs, means, width, yerr=[below, above], capsize=2, label=s["label"])
     ax.set(xticks=range(len(COLUMNS)), xticklabels=list(COLUMNS), ylabel="exact match %",
            title="Held-out exact match (bars: seed range)", ylim=(0, 100))
     ax.legend(fontsize=7)
@@ -173,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         p.error(f"no results in {args.results}: run python -m benchmarks.paper_miniature")
     summaries = {name: summary(records) for name, records in runs.items()}
-    first = next(iter(runs.values()))[0]
-    lines = page_lines(summaries, first["steps"], first["batch_size"])
+    try:
+        setup = [common(runs, key) for key in ("steps", "batch_size", "test_per_cell")]
+    except ValueError as exc:
+        p.error(str(exc))
+    lines = page_lines(summaries, *setup)
     args.page.write_text("\n".join([*lines, *kept_notes(args.page)]) + "\n")
     if not args.no_plot:
         plot(summaries, args.page.with_suffix(".png"))

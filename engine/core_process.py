@@ -7,7 +7,7 @@ waiting on the pipe, run one engine step while requests are unfinished, and send
 the core's status. While idle it sends the status alone every `HEARTBEAT_SECONDS`. A
 heartbeat thread sends `CoreAlive` whenever nothing went out for `HEARTBEAT_SECONDS`, with
 how long the loop has been in its current iteration: the process is known to run even
-while one step takes minutes (a long prefill, a first CUDA graph capture), and the API
+while one step takes minutes (a long prefill on a slow host), and the API
 process judges the step itself against its own, longer limit.
 
 The core sends token ids only: the API process detokenizes and applies stop strings

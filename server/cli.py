@@ -73,7 +73,7 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
          "heartbeat thread sends every 0.1 s, even during a long step) before it is declared "
          "dead and killed", 2.0, float)
     _add(p, "--step-timeout", "seconds one engine-core step (loop iteration) may run before "
-         "it is declared stuck and the core killed", 60.0, float)
+         "it is declared stuck and the core killed (engine-core process only)", 60.0, float)
     _add(p, "--max-body-bytes", "largest request body accepted (413 above)", 1 << 20, int)
     _add(p, "--max-prompts", "most prompts in one /v1/completions request", 64, int)
     _add(p, "--allowed-origins", "comma-separated CORS origins ('*' for any; default: no CORS)",

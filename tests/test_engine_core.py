@@ -166,9 +166,9 @@ def test_a_frozen_core_process_is_declared_dead_and_killed(checkpoint):
 
 
 def test_a_step_longer_than_the_core_timeout_is_not_a_hang(checkpoint):
-    with LiveServer(checkpoint, core_timeout=0.3, step_timeout=30) as server, \
+    with LiveServer(checkpoint, core_timeout=0.8, step_timeout=30) as server, \
             httpx.Client(base_url=server.url) as http:
-        server.in_core("slow_steps", 1.0)  # each step outlasts the core timeout threefold
+        server.in_core("slow_steps", 2.5)  # each step outlasts the core timeout threefold
         body = {"prompt": "hi", "max_tokens": 2, "ignore_eos": True}
         response = http.post("/v1/completions", json=body, timeout=30)
         assert response.status_code == 200, response.text

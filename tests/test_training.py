@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -112,9 +113,26 @@ def test_init_from_starts_at_the_checkpoint_weights(tmp_path):
     for (name, a), b in zip(first.model.state_dict().items(),
                             started.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # a resume keeps the origin and the mix without naming them, and no longer needs the
+    # init directory; naming another mix is an error
+    mix = "add=1,sub=1,mul=1,expr=1,fact=1"
+    train(TINY, quick(tmp_path / "d", steps=2, warmup_steps=1, eval_every=2, task_mix=mix,
+                      init_from=str(tmp_path / "a")))
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    resumed = train(TINY, quick(tmp_path / "d", steps=4, warmup_steps=1, eval_every=2),
+                    resume=True)
+    assert resumed.step == 4
+    starts = [json.loads(line) for line in (tmp_path / "d" / "log.jsonl").read_text()
+              .splitlines() if '"start"' in line]
+    assert starts[-1]["train_config"]["task_mix"] == mix
+    assert starts[-1]["train_config"]["init_from"] == str(tmp_path / "a")
+    with pytest.raises(ValueError, match="a resumed run keeps its --mix"):
+        train(TINY, quick(tmp_path / "d", steps=6, warmup_steps=1, task_mix="add=1,sub=0,"
+                          "mul=0,expr=0,fact=1"), resume=True)
     wrong = TINY.replace(d_model=32, head_dim=8)
     with pytest.raises(ValueError, match="do not fit the model config"):
-        train(wrong, quick(tmp_path / "c", steps=1, warmup_steps=0, init_from=str(tmp_path / "a")))
+        train(wrong, quick(tmp_path / "c", steps=1, warmup_steps=0,
+                           init_from=str(tmp_path / "moved")))
 
 
 def test_task_mix_is_validated_and_drives_the_draws():
@@ -131,6 +149,7 @@ def test_task_mix_is_validated_and_drives_the_draws():
     for bad, says in (("add=1", "names every task"), ("add=x,sub=0,mul=0,expr=0,fact=0",
                                                        "must be a number"),
                       ("add=1,add=2", "each of"), ("add=-1,sub=0,mul=0,expr=0,fact=1", ">= 0"),
+                      ("add=inf,sub=0,mul=0,expr=0,fact=1", "finite"),
                       ("add=0,sub=0,mul=0,expr=0,fact=0", "more than 0")):
         with pytest.raises(ValueError, match=says):
             TrainConfig(task_mix=bad)

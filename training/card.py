@@ -263,9 +263,9 @@ def _init_note(cfg: dict[str, Any]) -> str:
     init = cfg.get("init_from", "")
     if not init:
         return ""
-    return (f" The run starts from the weights of `{init}` (the bundled model before it) with "
-            "a fresh optimizer, warmup and cosine; how those weights were trained is in the "
-            "notes, and reproducing this run needs them.")
+    return (f" The run starts from the weights of `{init}` with a fresh optimizer, warmup "
+            "and cosine; how those weights were trained is in the notes, and reproducing "
+            "this run needs them.")
 
 
 def _resume_note(facts: dict[str, Any]) -> str:

@@ -51,7 +51,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "add=0.35,sub=0.2,mul=0.15,expr=0.05,fact=0.25 (default: data.Mixture)")
     p.add_argument("--init-from", default=DEFAULTS.init_from, metavar="MODEL_DIR",
                    help="start from this checkpoint's weights (fresh optimizer and schedule); "
-                        "its config.json is the model config unless --model names another")
+                        "its config.json is the model config unless --model names another "
+                        "(a resumed run keeps its own; --mix likewise)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue from {STATE_FILE} in --out if it exists")
     return p
@@ -86,13 +87,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str]) -> int:
     args = build_parser(f"loopserve {argv[0]}").parse_args(argv[1:])
-    if args.init_from and not (Path(args.init_from) / "model.safetensors").is_file():
+    resuming = args.resume and (Path(args.out) / STATE_FILE).is_file()
+    if (args.init_from and not resuming
+            and not (Path(args.init_from) / "model.safetensors").is_file()):
         print(f"loopserve train: --init-from {args.init_from}: no model.safetensors there "
               "(give a checkpoint directory such as models/loopserve-tiny)", file=sys.stderr)
         return 2
     try:
         cfg = train_config(args)
-        resuming = args.resume and (Path(args.out) / STATE_FILE).is_file()
         # a resumed run keeps the model config it started with
         name = str(Path(args.out) / "config.json") if resuming else args.model
         if not resuming and args.init_from and args.model == "bundled":
@@ -103,7 +105,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         state = train(model_cfg, cfg, resume=args.resume)
-    except ValueError as exc:  # weights that do not fit the config
+    except ConfigError as exc:  # weights that do not fit, a resume that changes the mix
         print(f"loopserve train: {exc}", file=sys.stderr)
         return 2
     print(f"trained {state.step} steps in {state.elapsed_s / 60:.1f} min; model in {args.out}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 from collections.abc import Iterator
 
@@ -262,8 +263,8 @@ class Mixture:
                 weights[task] = float(value)
             except ValueError:
                 raise ValueError(f"task weight must be a number, got {item!r}") from None
-            if not weights[task] >= 0:
-                raise ValueError(f"task weight must be >= 0, got {item!r}")
+            if not (weights[task] >= 0 and math.isfinite(weights[task])):
+                raise ValueError(f"task weight must be a finite number >= 0, got {item!r}")
         if set(weights) != set(TASKS) or sum(weights.values()) <= 0:
             raise ValueError(f"a task mix names every task ({', '.join(TASKS)}) with weights "
                              f"summing to more than 0; got {text!r}")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.errors import ConfigError
 from model.looplm import LoopLM
 from model.tokenizer import BYTE_SPECIALS
 from model.weights import load_model, save_model
@@ -123,10 +124,11 @@ def train_threshold(cfg: TrainConfig, model_cfg: ModelConfig, step: int) -> floa
     return model_cfg.halt_threshold if cfg.train_threshold is None else cfg.train_threshold
 
 
-def new_state(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainState:
+def new_state(model_cfg: ModelConfig, cfg: TrainConfig, init: bool = True) -> TrainState:
+    """A fresh run: seeded init (or cfg.init_from's weights when `init`), new optimizer."""
     torch.manual_seed(cfg.seed)
     model = LoopLM(model_cfg)
-    if cfg.init_from:
+    if init and cfg.init_from:
         _load_initial_weights(model, cfg.init_from)
     return TrainState(model, build_optimizer(model, cfg), random.Random(f"train:{cfg.seed}"))
 
@@ -137,7 +139,7 @@ def _load_initial_weights(model: LoopLM, directory: str) -> None:
     try:
         model.load_state_dict(source.state_dict())
     except RuntimeError as exc:
-        raise ValueError(f"--init-from {directory}: its weights do not fit the model config "
+        raise ConfigError(f"--init-from {directory}: its weights do not fit the model config "
                          f"({str(exc).splitlines()[-1].strip()})") from None
 
 
@@ -257,11 +259,23 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig) -> None:
     tmp.replace(out / STATE_FILE)
 
 
-def resume_state(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainState:
-    """Rebuild the state saved in cfg.out_dir (model, optimizer, step, data RNG)."""
-    path = Path(cfg.out_dir) / STATE_FILE
-    payload = torch.load(path, weights_only=False)
-    state = new_state(model_cfg, cfg)
+def resumed_config(cfg: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
+    """A resumed run keeps the task mix and the origin it started with; naming others is an
+    error (leaving them out inherits them)."""
+    changes = {}
+    for name, flag in (("task_mix", "--mix"), ("init_from", "--init-from")):
+        old, new = saved.get(name, ""), getattr(cfg, name)
+        if new and new != old:
+            raise ConfigError(f"a resumed run keeps its {flag}: it started with "
+                              f"{old or '(none)'}, got {new}")
+        changes[name] = old
+    return dataclasses.replace(cfg, **changes)
+
+
+def resume_state(model_cfg: ModelConfig, cfg: TrainConfig, payload: dict[str, Any]
+                 ) -> TrainState:
+    """Rebuild a saved state (model, optimizer, step, data RNG) from its payload."""
+    state = new_state(model_cfg, cfg, init=False)
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.data_rng.setstate(payload["data_rng"])
@@ -277,7 +291,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False) -> Tra
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     can_resume = resume and (out / STATE_FILE).is_file()
-    state = resume_state(model_cfg, cfg) if can_resume else new_state(model_cfg, cfg)
+    if can_resume:
+        payload = torch.load(out / STATE_FILE, weights_only=False)
+        cfg = resumed_config(cfg, payload["train_config"])
+        state = resume_state(model_cfg, cfg, payload)
+    else:
+        state = new_state(model_cfg, cfg)
     corpus = Corpus(cfg.data_seed, mixture=cfg.mixture())
     val_set = corpus.held_out("val", cfg.val_per_cell)
     logger = RunLogger(out / LOG_FILE, cfg.steps, cfg.log_every, fresh=not can_resume)
