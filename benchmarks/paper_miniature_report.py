@@ -19,6 +19,7 @@ from typing import Any
 
 from benchmarks.paper_miniature import RESULTS, VARIANTS
 from training.card import kept_notes
+from training.data import TASKS
 
 PAGE = Path("benchmarks/paper_miniature.md")
 # the table's columns: name -> the cells pooled into it (weighted by their sizes)
@@ -62,6 +63,8 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "columns": {c: [pooled(r, cells) for r in records] for c, cells in COLUMNS.items()},
         "bpb": [r["adaptive"]["answer_bits_per_byte"] for r in records],
         "bpb_exact": [r["exact"]["answer_bits_per_byte"] for r in records],
+        "bpb_by_task": {t: [r["adaptive"]["answer_bits_per_byte_by_task"][t] for r in records]
+                        for t in TASKS if "answer_bits_per_byte_by_task" in first["adaptive"]},
         "loops": [statistics.fmean(r["adaptive"]["loops_per_layer"][i] for r in records)
                   for i in range(layers)],
         "gates": [[statistics.fmean(r["adaptive"]["gates_per_layer"][i][k] for r in records)
@@ -80,6 +83,15 @@ def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[str]:
         rows.append(f"| {s['label']} | {len(s['seeds'])} | {s['parameters'] / 1e3:.0f}k | "
                     f"{s['flops'] / 1e6:.2f} | {cells} | {spread(s['bpb'], digits=3)} | "
                     f"{s['minutes']:.1f} |")
+    return rows
+
+
+def bits_rows(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    rows = ["| variant | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    for s in summaries.values():
+        if s["bpb_by_task"]:
+            cells = " | ".join(spread(s["bpb_by_task"][t], digits=3) for t in TASKS)
+            rows.append(f"| {s['label']} | {cells} |")
     return rows
 
 
@@ -124,6 +136,9 @@ def page_lines(summaries: dict[str, dict[str, Any]], steps: int, batch: int,
         "python -m benchmarks.paper_miniature_report",
         "```", "",
         *comparison_rows(summaries), "",
+        "Answer bits per byte by task (served semantics; lower is better; finer than exact "
+        "match where most answers are still wrong):", "",
+        *bits_rows(summaries), "",
         "Layer specialisation (served semantics, all real tokens; gates are the mean "
         "sigmoid gate on the local and global memory reads):", "",
         *layer_rows(summaries), "",

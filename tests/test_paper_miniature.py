@@ -44,6 +44,7 @@ def test_runs_measure_and_report(tmp_path):
     assert all(1.0 <= x <= 3.0 for x in served["loops_per_layer"])
     assert records[0]["exact"]["loops_per_layer"] == [3.0, 3.0]  # exact: every step runs
     assert served["answer_bits_per_byte"] > 0
+    assert set(served["answer_bits_per_byte_by_task"]) == {"add", "sub", "mul", "expr", "fact"}
     assert records[0]["adaptive"] != records[1]["adaptive"]  # seeds differ
 
     page = tmp_path / "page.md"
@@ -52,5 +53,6 @@ def test_runs_measure_and_report(tmp_path):
     assert report.main(["--results", str(tmp_path), "--page", str(page)]) == 0
     text = page.read_text()
     assert "| Loop-3 + Mem | 2 |" in text and " ± " in text
+    assert "| variant | add | sub | mul | expr | fact |" in text
     assert text.rstrip().endswith("my notes") and "STALE" not in text
     assert page.with_suffix(".png").stat().st_size > 1000
