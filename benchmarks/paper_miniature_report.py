@@ -147,46 +147,64 @@ def page_lines(summaries: dict[str, dict[str, Any]], steps: int, batch: int,
 
 
 def plot(summaries: dict[str, dict[str, Any]], path: Path) -> None:
+    """Bits per byte by task, exact match, loops and gates per layer; one colour a variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    _plot_accuracy(axes[0], summaries)
-    _plot_layers(axes[1], summaries, "loops", "mean loop steps", "Loops per layer")
-    _plot_layers(axes[2], summaries, "gates", "mean gate (local solid, global dashed)",
-                 "Memory gates per layer")
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(VARIANTS)}
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    _plot_bars(axes[0][0], summaries, colours, {t: [s["bpb_by_task"].get(t, [math.nan])
+                                                    for s in summaries.values()] for t in TASKS},
+               "answer bits per byte (lower is better)", "Held-out answer bits per byte")
+    _plot_bars(axes[0][1], summaries, colours,
+               {c: [[100 * x for x in s["columns"][c]] for s in summaries.values()]
+                for c in COLUMNS}, "exact match %", "Held-out exact match")
+    _plot_layers(axes[1][0], summaries, colours, "loops")
+    _plot_layers(axes[1][1], summaries, colours, "gates")
+    fig.suptitle("Paper miniature: bars are means over seeds, whiskers the seed range")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _plot_accuracy(ax: Any, summaries: dict[str, dict[str, Any]]) -> None:
+def _plot_bars(ax: Any, summaries: dict[str, dict[str, Any]], colours: dict[str, Any],
+               groups: dict[str, list[list[float]]], ylabel: str, title: str) -> None:
+    """groups: {x label: [per-seed values of each variant, in summaries order]}."""
     width = 0.8 / len(summaries)
-    for i, s in enumerate(summaries.values()):
-        xs = [j + (i - (len(summaries) - 1) / 2) * width for j in range(len(COLUMNS))]
-        columns = list(s["columns"].values())
-        means = [100 * statistics.fmean(v) for v in columns]
-        below = [m - 100 * min(v) for m, v in zip(means, columns, strict=True)]
-        above = [100 * max(v) - m for m, v in zip(means, columns, strict=True)]
-        ax.bar(xs, means, width, yerr=[below, above], capsize=2, label=s["label"])
-    ax.set(xticks=range(len(COLUMNS)), xticklabels=list(COLUMNS), ylabel="exact match %",
-           title="Held-out exact match (bars: seed range)", ylim=(0, 100))
+    for i, name in enumerate(summaries):
+        xs = [j + (i - (len(summaries) - 1) / 2) * width for j in range(len(groups))]
+        values = [per_variant[i] for per_variant in groups.values()]
+        means = [statistics.fmean(v) for v in values]
+        below = [m - min(v) for m, v in zip(means, values, strict=True)]
+        above = [max(v) - m for m, v in zip(means, values, strict=True)]
+        ax.bar(xs, means, width, yerr=[below, above], capsize=2, color=colours[name],
+               label=summaries[name]["label"])
+    ax.set(xticks=range(len(groups)), xticklabels=list(groups), ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
 
 
-def _plot_layers(ax: Any, summaries: dict[str, dict[str, Any]], key: str, ylabel: str,
-                 title: str) -> None:
-    for s in summaries.values():
-        layers = range(1, len(s["loops"]) + 1)
-        if key == "loops":
-            ax.plot(layers, s["loops"], marker="o", label=s["label"])
-        elif s["memory"]:
-            line, = ax.plot(layers, [g[0] for g in s["gates"]], marker="o", label=s["label"])
+def _plot_layers(ax: Any, summaries: dict[str, dict[str, Any]], colours: dict[str, Any],
+                 key: str) -> None:
+    """Loops (variants that loop) or gates (variants with memory; local solid, global
+    dashed) against the layer."""
+    for name, s in summaries.items():
+        layers = list(range(1, len(s["loops"]) + 1))
+        if key == "loops" and max(s["loops"]) > 1:
+            ax.plot(layers, s["loops"], marker="o", color=colours[name], label=s["label"])
+        elif key == "gates" and s["memory"]:
+            ax.plot(layers, [g[0] for g in s["gates"]], marker="o", color=colours[name],
+                    label=s["label"])
             ax.plot(layers, [g[1] for g in s["gates"]], marker="x", ls="--",
-                    color=line.get_color())
-    ax.set(xlabel="layer", ylabel=ylabel, title=title)
+                    color=colours[name])
+    if key == "loops":
+        ax.set(ylabel="mean loop steps (served)", title="Loops per layer (looping variants)")
+    else:
+        ax.set(ylabel="mean gate: local (solid), global (dashed)",
+               title="Memory gates per layer (variants with memory)")
+    ax.set(xlabel="layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
 
 
