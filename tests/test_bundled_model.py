@@ -1,8 +1,8 @@
 """The shipped checkpoint (models/loopserve-tiny): complete, loads by default, and answers
 held-out questions it never saw, in both prompt formats.
 
-Its arithmetic misses the issue's target (see the model card), so the held-out checks use
-what it does reliably: fact questions in their test-only phrasings, and 1-digit addition.
+The checks use what the card measures it to do reliably: fact questions in their test-only
+phrasings (86.5%, so a few may fail), and 1- and 2-digit addition (100%).
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ def test_bundled_checkpoint_is_complete():
 def test_recalls_facts_asked_in_held_out_phrasings(model):
     examples = held_out("fact", 1, 16)
     assert {e.format for e in examples} == {"chat", "plain"}
-    assert len(wrong_answers(model, examples)) <= 2  # the card reports ~90% recall
+    assert len(wrong_answers(model, examples)) <= 3  # the card reports 86.5% recall
 
 
-def test_adds_held_out_one_digit_numbers(model):
-    examples = held_out("add", 1, 4)
+@pytest.mark.parametrize("digits", [1, 2])
+def test_adds_held_out_numbers(model, digits):
+    examples = held_out("add", digits, 4)
     assert examples
     assert not wrong_answers(model, examples)
 

@@ -3,6 +3,8 @@
     loopserve train --out runs/loopserve-tiny            # the bundled model's recipe
     loopserve train --out runs/x --steps 20 --model tiny # a smoke run
     loopserve train --out runs/loopserve-tiny --resume   # continue from the last checkpoint
+    loopserve train --out runs/more --init-from models/loopserve-tiny \
+        --mix add=0.35,sub=0.15,mul=0.15,expr=0.05,fact=0.3  # train a shipped model further
 """
 
 from __future__ import annotations

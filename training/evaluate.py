@@ -41,7 +41,7 @@ from training.batching import IGNORE, chunks, collate, teacher_forced
 from training.data import Corpus, Example
 from training.decode import forward_each, greedy_decode
 
-SWEEP = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5)
+SWEEP = (0.0, 0.002, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5)
 
 
 @dataclasses.dataclass
