@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from model.flops import parameter_count, sequence_matmul_flops
 from model.looplm import LoopLM
-from training.batching import IGNORE, chunks, collate
+from training.batching import IGNORE, chunks, teacher_forced
 from training.data import Corpus, Example
 from training.train import TrainConfig, train
 
@@ -102,19 +102,18 @@ class _Tally:
     tokens: int = 0
 
     def add(self, part: Sequence[Example], model: LoopLM, threshold: float | None) -> None:
-        batch = collate(part, model.config.pad_token_id)
-        out = model.reference_forward(batch.ids, halt_threshold=threshold)
+        tf = teacher_forced(model, part, threshold)
+        batch = tf.batch
         scored = batch.targets != IGNORE  # [B, T]
-        nats = F.cross_entropy(out.logits.transpose(1, 2), batch.targets, ignore_index=IGNORE,
+        nats = F.cross_entropy(tf.logits.transpose(1, 2), batch.targets, ignore_index=IGNORE,
                                reduction="none")  # [B, T]
-        right = ((out.logits.argmax(-1) == batch.targets) | ~scored).all(dim=1)  # [B]
-        for example, ok, row_nats, n in zip(part, right.tolist(), nats.sum(1).tolist(),
+        for example, ok, row_nats, n in zip(part, tf.correct.tolist(), nats.sum(1).tolist(),
                                             scored.sum(1).tolist(), strict=True):
             self.hits[cell_key(example)].append(ok)
             self.nats[example.problem.task] += row_nats
             self.answer_bytes[example.problem.task] += n
-        self.depth_sum = self.depth_sum + out.depths[batch.real].float().sum(0)  # [L]
-        self.gate_sum = self.gate_sum + out.memory_gates[batch.real].sum(0)  # [L, 2]
+        self.depth_sum = self.depth_sum + tf.depths[batch.real].float().sum(0)  # [L]
+        self.gate_sum = self.gate_sum + tf.gates[batch.real].sum(0)  # [L, 2]
         self.tokens += int(batch.real.sum())
 
     def result(self) -> dict[str, Any]:

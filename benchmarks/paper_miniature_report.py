@@ -127,7 +127,9 @@ def page_lines(summaries: dict[str, dict[str, Any]], steps: int, batch: int,
         f"{per_cell or 'all'} distinct problems per task and difficulty in "
         "both formats, every fact in its never-trained phrasing), teacher-forced, in served "
         "semantics (adaptive, threshold 0.01). Exact match (EM) in percent and answer bits "
-        "per byte are means over the seeds, ± the spread (max - min) between seeds.", "",
+        "per byte are means over the seeds, ± the spread (max - min) between seeds; train "
+        "min is wall time on a shared 2-core machine (another training ran on the other "
+        "core), for scale only.", "",
         "```bash",
         "python -m benchmarks.paper_miniature --only base loop3 mem loop3_mem dense_iso "
         "--seeds 0 1",

@@ -51,6 +51,7 @@ class TeacherForced:
 
     correct: torch.Tensor  # [B] bool: every answer token is the argmax
     predicted: torch.Tensor  # [B, T] argmax at every position
+    logits: torch.Tensor  # [B, T, V]
     depths: torch.Tensor  # [B, T, L]
     gates: torch.Tensor  # [B, T, L, 2]
     batch: Batch
@@ -65,4 +66,5 @@ def teacher_forced(model: LoopLM, examples: Sequence[Example], threshold: float 
     scored = batch.targets != IGNORE
     predicted = out.logits.argmax(-1)
     right = (predicted == batch.targets) | ~scored
-    return TeacherForced(right.all(dim=1), predicted, out.depths, out.memory_gates, batch)
+    return TeacherForced(right.all(dim=1), predicted, out.logits, out.depths, out.memory_gates,
+                         batch)
