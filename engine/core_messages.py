@@ -8,8 +8,8 @@ mismatched pair of processes fail loudly instead of misreading each other.
 API -> core: a `CommandBatch` of `AddRequest`, `AbortRequest`, `CallHook` (tests),
 `Shutdown`.
 Core -> API: `CoreReady` or `CoreFailed` once at start-up; then `OutputBatch` (every
-touched request's delta of one step, the step's statistics and the core's status; also sent
-alone while idle), `CoreAlive` (from the core's heartbeat thread, whenever nothing else
+touched request's delta of one step, the step's statistics and the core's status),
+`CoreAlive` (from the core's heartbeat thread, whenever nothing else
 went out for a while, even in the middle of a long step), `RequestFailed`, `HookResult`,
 and `CoreDied` before the core exits because its loop raised.
 """

@@ -4,8 +4,8 @@
 answers `CoreReady` (or `CoreFailed` with the load error), then loops: take every command
 waiting on the pipe, run one engine step while requests are unfinished, and send one
 `OutputBatch` with the deltas of every request the step touched, the step's statistics and
-the core's status. While idle it sends the status alone every `HEARTBEAT_SECONDS`. A
-heartbeat thread sends `CoreAlive` whenever nothing went out for `HEARTBEAT_SECONDS`, with
+the core's status. A heartbeat thread sends `CoreAlive` whenever nothing went out for
+`HEARTBEAT_SECONDS` (idle, between empty steps, or in the middle of a long one), with
 how long the loop has been in its current iteration: the process is known to run even
 while one step takes minutes (a long prefill on a slow host), and the API
 process judges the step itself against its own, longer limit.
@@ -133,11 +133,9 @@ class EngineCore:
         if outputs or added:  # abort finals, and an exact waiting count for the queue bound
             self._send_batch(outputs)
         if self.stop or not self.llm.has_unfinished():
-            if time.monotonic() - self.last_sent >= HEARTBEAT_SECONDS:
-                self._send_batch([])
-            return
+            return  # idle: the heartbeat thread tells the API process the core is alive
         outputs = self.llm.step()
-        if outputs or self._stats is not None or self._heartbeat_due():
+        if outputs or self._stats is not None:  # an empty step changed no status
             self._send_batch(outputs)
 
     def _heartbeat_due(self) -> bool:
