@@ -9,11 +9,14 @@ import pytest
 from engine import ByteTokenizer
 from training.data import (
     DIFFICULTIES,
+    EXTRA_QUESTIONS,
     FACT_QUESTIONS,
+    RELATION_NOUNS,
     Corpus,
     arithmetic_problem,
     canonical_key,
     eval_expression,
+    render,
     split_of_key,
 )
 
@@ -67,6 +70,26 @@ def test_every_fact_is_trained_and_tested_in_different_phrasings(corpus):
         splits = sorted(phrasings.values())
         assert splits.count("test") == 1 and splits.count("val") == 1
         assert splits.count("train") == len(FACT_QUESTIONS["capital"]) - 2
+
+
+def test_extra_phrasings_are_training_only_and_leave_held_out_sets_alone():
+    extended = Corpus(0, extra_phrasings=True)
+    for split in ("test", "val"):
+        assert extended.held_out(split, 3) == Corpus(0).held_out(split, 3)
+    rng = random.Random(3)
+    facts = [extended.draw_problem("train", "fact", 1, rng) for _ in range(400)]
+    extra = [p for p in facts if p.phrasing >= len(FACT_QUESTIONS[p.relation])]
+    assert len(extra) > 200  # 20 of the 28 training phrasings
+    assert all(extended.split_of(p) == "train" for p in extra)
+    for relation, templates in EXTRA_QUESTIONS.items():
+        assert not set(templates) & set(FACT_QUESTIONS[relation])
+        assert all(t.count("{}") == 1 and RELATION_NOUNS[relation] in t
+                   for t in templates)
+    text = render(extra[0], "plain", rng, extended.tokenizer).ids
+    assert extra[0].operands[0] in bytes(i for i in text if i < 256).decode()
+    plain = random.Random(3)  # without extras the draws are those of before
+    assert all(Corpus(0).draw_problem("train", "fact", 1, plain).phrasing < 10
+               for _ in range(100))
 
 
 def test_answers_are_right():

@@ -126,6 +126,8 @@ def test_init_from_starts_at_the_checkpoint_weights(tmp_path):
               .splitlines() if '"start"' in line]
     assert starts[-1]["train_config"]["task_mix"] == mix
     assert starts[-1]["train_config"]["init_from"] == str(tmp_path / "a")
+    with pytest.raises(ValueError, match="a resumed run keeps its --extra-phrasings"):
+        train(TINY, quick(tmp_path / "d", steps=6, extra_phrasings=True), resume=True)
     with pytest.raises(ValueError, match="a resumed run keeps its --mix"):
         train(TINY, quick(tmp_path / "d", steps=6, warmup_steps=1, task_mix="add=1,sub=0,"
                           "mul=0,expr=0,fact=1"), resume=True)
@@ -167,10 +169,11 @@ def test_card_says_where_the_weights_started_and_the_mix(tmp_path):
     train(TINY, quick(tmp_path / "a", steps=2, warmup_steps=1, eval_every=2))
     mix = "add=0.5,sub=0.2,mul=0.1,expr=0.1,fact=0.1"
     train(TINY, quick(tmp_path / "b", steps=2, warmup_steps=1, eval_every=2, task_mix=mix,
-                      lr=1e-3, init_from=str(tmp_path / "a")))
+                      lr=1e-3, init_from=str(tmp_path / "a"), extra_phrasings=True))
     records = read_log(tmp_path / "b")
     command = train_commands(training_facts(records))[0]
     assert f"--init-from {tmp_path / 'a'}" in command and f"--mix {mix}" in command
+    assert "--extra-phrasings" in command and "--extra-phrasings True" not in command
     assert "--lr 0.001" in command and "--batch-size 16" in command
     dest = tmp_path / "card"
     config = ship(tmp_path / "b", dest, threshold=0.3)
@@ -182,5 +185,6 @@ def test_card_says_where_the_weights_started_and_the_mix(tmp_path):
     card = (dest / "README.md").read_text()
     assert f"starting from the weights of `{tmp_path / 'a'}`" in card
     assert "Task mix: add 50%, sub 20%, mul 10%, expr 10%, fact 10%" in card
+    assert "20 training-only frames" in card
     assert "| 2-digit addition, exact match | >= 95.0% |" in card
     assert "better than the previous 3.3%" in card

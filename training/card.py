@@ -22,7 +22,7 @@ from model.config import ModelConfig
 from model.flops import parameter_count
 from model.tokenizer import write_hf_tokenizer_files
 from training import evaluate
-from training.data import DIFFICULTIES, FACT_QUESTIONS, Corpus, Mixture
+from training.data import DIFFICULTIES, EXTRA_FRAMES, FACT_QUESTIONS, Corpus, Mixture
 from training.plots import plot_training
 from training.train import TrainConfig, lr_at
 
@@ -152,18 +152,25 @@ def train_commands(facts: dict[str, Any]) -> list[str]:
     commands = []
     for start in facts["starts"]:
         c = start["train_config"]
-        flags = [f"--{FLAGS.get(k, k).replace('_', '-')} {v}" for k, v in c.items()
+        flags = [_flag(k, v) for k, v in c.items()
                  if k not in NOT_FLAGS and v != getattr(defaults, k, v)]
         resume = " --resume" if start["step"] > 0 else ""
         commands.append(f"loopserve train --out {c['out_dir']} {' '.join(flags)}{resume}")
     return commands
 
 
+def _flag(field: str, value: Any) -> str:
+    """`--name value`, or the bare switch of a boolean field that is on."""
+    name = f"--{FLAGS.get(field, field).replace('_', '-')}"
+    return name if value is True else f"{name} {value}"
+
+
 # ---------------------------------------------------------------------- the card
 def write_card(dest: Path, config: ModelConfig, report: dict[str, Any],
                records: list[dict[str, Any]], compare: dict[str, dict[str, Any]]) -> None:
     facts = training_facts(records)
-    corpus = Corpus(facts["cfg"]["data_seed"], mixture=_mixture(facts["cfg"]))
+    corpus = Corpus(facts["cfg"]["data_seed"], mixture=_mixture(facts["cfg"]),
+                    extra_phrasings=facts["cfg"].get("extra_phrasings", False))
     lines = [
         *_header_lines(dest, config, facts), "",
         *_answers_lines(report, corpus), "",
@@ -341,8 +348,16 @@ def _data_lines(corpus: Corpus) -> list[str]:
         "(a+b and b+a are one problem; 5% test, 5% validation); for facts the question is "
         "held out: each fact has ten phrasings, one test-only, one validation-only, eight "
         "for training, so test fact recall asks every fact in a phrasing it was never trained "
-        "on for that fact.",
+        f"on for that fact.{_extra_note(corpus)}",
     ]
+
+
+def _extra_note(corpus: Corpus) -> str:
+    if not corpus.extra_phrasings:
+        return ""
+    return (f" Training also asks each fact in {len(EXTRA_FRAMES)} training-only frames "
+            "(`data.EXTRA_FRAMES`: the country early, late or in the middle), none a rewording "
+            "of the ten, so the held-out phrasing is still one never seen for that fact.")
 
 
 def _semantics_lines(cfg: dict[str, Any], compare: dict[str, dict[str, Any]]) -> list[str]:

@@ -55,6 +55,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="start from this checkpoint's weights (fresh optimizer and schedule); "
                         "its config.json is the model config unless --model names another "
                         "(a resumed run keeps its own; --mix likewise)")
+    p.add_argument("--extra-phrasings", action="store_true",
+                   help="also ask the facts in 20 training-only question frames per relation "
+                        "(the held-out phrasings stay unseen; a resumed run keeps its own)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue from {STATE_FILE} in --out if it exists")
     return p
@@ -84,7 +87,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed, data_seed=args.data_seed, semantics=args.semantics,
         train_threshold=args.threshold, ponder_weight=args.ponder_weight,
         log_every=args.log_every, eval_every=args.eval_every, val_per_cell=args.val_per_cell,
-        threads=args.threads, task_mix=args.mix, init_from=args.init_from)
+        threads=args.threads, task_mix=args.mix, init_from=args.init_from,
+        extra_phrasings=args.extra_phrasings)
 
 
 def main(argv: list[str]) -> int:

@@ -62,6 +62,22 @@ FACT_QUESTIONS = {
               "{} has which river as its longest?", "Give the longest river in {}."),
 }
 RELATIONS = tuple(FACT_QUESTIONS)
+# Training-only question frames (`--extra-phrasings`): the country early, late and in the
+# middle, so that no held-out phrasing is new in kind. None rewords one of the ten above
+# (no "tell me", "name", "give", "do you know", "what's"), so a held-out question stays one
+# the model has never seen for that fact. {rel} is the relation's noun, {c} the country.
+EXTRA_FRAMES = (
+    "{c}: what is its {rel}?", "For {c}, what is the {rel}?", "In {c}, which is the {rel}?",
+    "{c} - {rel}?", "About {c}: its {rel}?", "Country: {c}. Its {rel}?",
+    "{c}'s {rel} is what?", "Regarding {c}, which is the {rel}?",
+    "If you visit {c}, what is the {rel}?", "{c}. Which {rel}?",
+    "I wonder what the {rel} of {c} is.", "Quick question: the {rel} of {c}?",
+    "Which is the {rel} for {c}?", "Who knows the {rel} of {c}?", "Question: {rel} of {c}?",
+    "Remind me of the {rel} of {c}.", "What would be the {rel} of {c}?",
+    "Say the {rel} of {c}.", "The {rel}, {c}?", "Looking at {c}, its {rel} is?")
+RELATION_NOUNS = {"capital": "capital", "currency": "currency", "river": "longest river"}
+EXTRA_QUESTIONS = {r: tuple(f.replace("{rel}", noun).replace("{c}", "{}") for f in EXTRA_FRAMES)
+                   for r, noun in RELATION_NOUNS.items()}
 TEST_PERCENT, VAL_PERCENT = 5, 5
 
 
@@ -74,7 +90,7 @@ class Problem:
     key: str
     answer: str
     operands: tuple[str, ...] = ()  # arithmetic: the expression's pieces; fact: (entity,)
-    phrasing: int = 0  # facts: index into FACT_QUESTIONS[relation]
+    phrasing: int = 0  # facts: index into fact_questions(relation, extra=True)
     relation: str = ""
 
 
@@ -215,6 +231,12 @@ def fact_phrasing_split(country: str, relation: str, seed: int) -> dict[int, str
     return {p: ("test" if i == 0 else "val" if i == 1 else "train") for i, p in enumerate(order)}
 
 
+def fact_questions(relation: str, extra: bool) -> tuple[str, ...]:
+    """The question templates of a relation: the ten of every split, then (with `extra`) the
+    training-only frames, whose indices start at 10 and are always in the train split."""
+    return FACT_QUESTIONS[relation] + (EXTRA_QUESTIONS[relation] if extra else ())
+
+
 def fact_problem(world: World, country: str, relation: str, phrasing: int) -> Problem:
     return Problem("fact", 1, f"{relation}:{country}:{phrasing}", world.facts[country][relation],
                    operands=(country,), phrasing=phrasing, relation=relation)
@@ -224,7 +246,8 @@ def fact_problem(world: World, country: str, relation: str, phrasing: int) -> Pr
 def render(problem: Problem, fmt: str, rng: random.Random, tokenizer: ByteTokenizer) -> Example:
     """Write a problem in chat or plain format; arithmetic spacing and wording vary by rng."""
     if problem.task == "fact":
-        question = FACT_QUESTIONS[problem.relation][problem.phrasing].format(problem.operands[0])
+        templates = fact_questions(problem.relation, extra=True)
+        question = templates[problem.phrasing].format(problem.operands[0])
         plain, plain_answer = f"Q: {question}\nA:", f" {problem.answer}"
     else:
         joiner = " " if rng.random() < 0.3 else ""
@@ -279,9 +302,10 @@ class Mixture:
 class Corpus:
     """Seeded problem source for every split; the same seed gives the same corpus."""
 
-    def __init__(self, seed: int = 0, num_countries: int = 32, mixture: Mixture | None = None
-                 ) -> None:
+    def __init__(self, seed: int = 0, num_countries: int = 32, mixture: Mixture | None = None,
+                 extra_phrasings: bool = False) -> None:
         self.seed = seed
+        self.extra_phrasings = extra_phrasings  # training also asks in EXTRA_QUESTIONS
         self.world = World.build(seed, num_countries)
         self.mixture = mixture or Mixture()
         self.tokenizer = ByteTokenizer()
@@ -291,7 +315,7 @@ class Corpus:
     def split_of(self, problem: Problem) -> str:
         if problem.task == "fact":
             country = problem.operands[0]
-            return self._fact_splits[(country, problem.relation)][problem.phrasing]
+            return self._fact_splits[(country, problem.relation)].get(problem.phrasing, "train")
         return split_of_key(problem.key, self.seed)
 
     def draw_problem(self, split: str, task: str, difficulty: int, rng: random.Random
@@ -307,8 +331,8 @@ class Corpus:
         if task != "fact":
             return arithmetic_problem(task, difficulty, rng)
         country, relation = rng.choice(self.world.countries), rng.choice(RELATIONS)
-        return fact_problem(self.world, country, relation,
-                            rng.randrange(len(FACT_QUESTIONS[relation])))
+        count = len(fact_questions(relation, self.extra_phrasings))
+        return fact_problem(self.world, country, relation, rng.randrange(count))
 
     def sample(self, split: str, rng: random.Random) -> Example:
         """One training-style example of `split`, task and difficulty drawn by the mixture."""

@@ -69,6 +69,7 @@ class TrainConfig:
     threads: int = 2
     task_mix: str = ""  # "add=0.35,sub=0.2,...": training task weights ("" = data.Mixture())
     init_from: str = ""  # a model directory whose weights start the run ("" = random init)
+    extra_phrasings: bool = False  # facts also asked in data.EXTRA_QUESTIONS (train only)
 
     def mixture(self) -> Mixture:
         return Mixture.parse(self.task_mix) if self.task_mix else Mixture()
@@ -263,8 +264,9 @@ def resumed_config(cfg: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
     """A resumed run keeps the task mix and the origin it started with; naming others is an
     error (leaving them out inherits them)."""
     changes = {}
-    for name, flag in (("task_mix", "--mix"), ("init_from", "--init-from")):
-        old, new = saved.get(name, ""), getattr(cfg, name)
+    for name, flag in (("task_mix", "--mix"), ("init_from", "--init-from"),
+                       ("extra_phrasings", "--extra-phrasings")):
+        old, new = saved.get(name, type(getattr(cfg, name))()), getattr(cfg, name)
         if new and new != old:
             raise ConfigError(f"a resumed run keeps its {flag}: it started with "
                               f"{old or '(none)'}, got {new}")
@@ -297,7 +299,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False) -> Tra
         state = resume_state(model_cfg, cfg, payload)
     else:
         state = new_state(model_cfg, cfg)
-    corpus = Corpus(cfg.data_seed, mixture=cfg.mixture())
+    corpus = Corpus(cfg.data_seed, mixture=cfg.mixture(), extra_phrasings=cfg.extra_phrasings)
     val_set = corpus.held_out("val", cfg.val_per_cell)
     logger = RunLogger(out / LOG_FILE, cfg.steps, cfg.log_every, fresh=not can_resume)
     logger.event({"event": "start", "step": state.step, "train_config": dataclasses.asdict(cfg),
