@@ -7,7 +7,10 @@ fused qkv and gate_up matrices split; the loop scale s = softplus(alpha), 1 here
 into the residual output projections), and the two must give the same logits on the same
 ids (fp32) before any speed is reported. Then both generate greedily from the same prompts,
 in interleaved runs (loopserve, transformers, loopserve, ...), and the JSON gives tokens/s of
-each and their ratio per batch size. EOS handling is off on both sides (loopserve
+each and their ratio per batch size. Each batch also times its matmul floor (the run's weight
+matmuls alone, benchmarks/matmul_floor.py): how much of each engine's time is matmul, and
+`ceiling_over_transformers`, the largest ratio over transformers that any engine of these
+weights on this device's matmul could reach. EOS handling is off on both sides (loopserve
 ignore_eos, transformers without an eos id), so both emit exactly `--output-len` tokens and
 their greedy tokens can be compared.
 
@@ -26,10 +29,12 @@ import time
 import torch
 
 from benchmarks.machine import machine_name, sync
+from benchmarks.matmul_floor import matmul_floor_seconds
 from engine import LLM, LoopLM, ModelConfig, SamplingParams
 from model.weights import resolve_dtype
 
 LOGIT_TOLERANCE = 1e-4
+GOAL_RATIO = {False: 1.5, True: 3.0}  # loopserve / transformers, on CPU and on CUDA
 DENSE = ModelConfig(vocab_size=264, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2,
                     head_dim=64, ffn_hidden=1408, max_loops=1, local_memory_slots=0,
                     global_memory_slots=0, max_position=512,
@@ -155,9 +160,11 @@ def run_transformers(hf, prompts: list[list[int]], output_len: int, device: str,
 
 
 def bench_batch(llm: LLM, hf, batch: int, args: argparse.Namespace, caches: list[str]) -> dict:
+    """Interleaved runs of loopserve, each transformers cache and the matmul floor."""
     gen = torch.Generator().manual_seed(args.seed + batch)
     prompts = torch.randint(0, 256, (batch, args.prompt_len), generator=gen).tolist()
-    times: dict[str, list[float]] = {"loopserve": [], **{f"transformers_{c}": [] for c in caches}}
+    times: dict[str, list[float]] = {"loopserve": [], **{f"transformers_{c}": [] for c in caches},
+                                     "matmul_floor": []}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.repeats):  # interleaved: each engine sees the same machine state
         seconds, tokens["loopserve"] = run_loopserve(llm, prompts, args.output_len, args.device)
@@ -166,16 +173,23 @@ def bench_batch(llm: LLM, hf, batch: int, args: argparse.Namespace, caches: list
             seconds, tokens[cache] = run_transformers(hf, prompts, args.output_len, args.device,
                                                       cache)
             times[f"transformers_{cache}"].append(seconds)
+        times["matmul_floor"].append(matmul_floor_seconds(
+            llm.engine.runner.model, batch, args.prompt_len, args.output_len, args.device, 1))
     generated = batch * args.output_len
     row = {"batch": batch, "seconds": times}
     for name, runs in times.items():
         row[f"{name}_tokens_per_s"] = generated / min(runs)
+    floor = min(times["matmul_floor"])
+    row["matmul_share_loopserve"] = floor / min(times["loopserve"])
     for cache in caches:
         row[f"ratio_loopserve_over_transformers_{cache}"] = (
             row["loopserve_tokens_per_s"] / row[f"transformers_{cache}_tokens_per_s"])
         row[f"greedy_tokens_equal_{cache}"] = _agreement(tokens["loopserve"], tokens[cache])
+        row[f"matmul_share_transformers_{cache}"] = floor / min(times[f"transformers_{cache}"])
+        row[f"ceiling_over_transformers_{cache}"] = min(times[f"transformers_{cache}"]) / floor
     print(f"batch {batch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                         if k.startswith("ratio")), file=sys.stderr, flush=True)
+                                         if k.startswith(("ratio", "ceiling", "matmul_share"))),
+          file=sys.stderr, flush=True)
     return row
 
 
@@ -216,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["error"] = "the two models disagree: no speed is reported"
         print(json.dumps(result))
         raise SystemExit(1)
+    result["goal_ratio"] = GOAL_RATIO[args.device.startswith("cuda")]
     dtype = resolve_dtype(args.dtype)
     model, hf = model.to(dtype=dtype), hf.to(dtype=dtype)
     longest = args.prompt_len + args.output_len

@@ -64,7 +64,7 @@ class LayerState:
 
 def _write_plane(cache: torch.Tensor, tokens: StepTokens, plane: int, kv: torch.Tensor) -> None:
     """k/v [T, 2, Hkv, hd] of every row into 0-based `plane` of one layer's pool."""
-    cache[tokens.blocks, plane, :, tokens.offsets] = kv
+    cache[tokens.blocks, plane, tokens.offsets] = kv
 
 
 def halt_thresholds(eps: torch.Tensor, loops: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -100,7 +100,7 @@ def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q), step)
     weight, layer.remaining, halted = _halting(block, h, layer.remaining,
                                                tokens.halt_below[step - 1], step)
-    layer.mixture.addcmul_(weight.unsqueeze(-1), h.float())
+    layer.mixture.addcmul_(weight.unsqueeze(-1), h)  # fp32 += fp32 * h: no cast kernel
     layer.gate_sum.addcmul_(gates, active.unsqueeze(-1))
     layer.depth += active
     layer.state = torch.where(active.unsqueeze(-1), h, layer.state)
@@ -125,7 +125,7 @@ def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, rows, q), step)
     weight, left, halted = _halting(block, h, layer.remaining.index_select(0, rows),
                                     tokens.halt_below[step - 1].index_select(0, rows), step)
-    layer.mixture.index_add_(0, rows, weight.unsqueeze(-1) * h.float())
+    layer.mixture.index_add_(0, rows, weight.unsqueeze(-1) * h)  # promotes to fp32
     layer.gate_sum.index_add_(0, rows, gates)
     layer.depth.index_add_(0, rows, torch.ones_like(rows))
     layer.state = layer.state.index_copy(0, rows, h)
@@ -145,4 +145,4 @@ def fill_later_planes(cache: torch.Tensor, tokens: StepTokens, layer: LayerState
     total = tokens.blocks.numel()
     planes = torch.arange(first_plane, num_planes, device=tokens.blocks.device)
     cache[tokens.blocks.repeat(later), planes.repeat_interleave(total, output_size=later * total),
-          :, tokens.offsets.repeat(later)] = layer.kv_last.repeat(later, 1, 1, 1)
+          tokens.offsets.repeat(later)] = layer.kv_last.repeat(later, 1, 1, 1)

@@ -1,6 +1,6 @@
 """Attention of a step's active queries over the paged KV cache, one (layer, loop step) plane.
 
-The KV pool of one layer is `[num_blocks, N, 2, block_size, n_kv_heads, head_dim]`; plane
+The KV pool of one layer is `[num_blocks, N, block_size, 2, n_kv_heads, head_dim]`; plane
 t holds every cached position's k/v at loop step t (a token that halted earlier in the
 layer has its last step's k/v copied into the later planes: the KV rule). A query at
 position p of a sequence attends to positions 0..p of that sequence in the plane.
@@ -130,8 +130,8 @@ class AttentionPlan:
         q_pad[rows, cols] = q
         pos = torch.zeros(num, longest, dtype=torch.long, device=q.device)  # pad rows: key 0
         pos[rows, cols] = self.positions[tokens]
-        kv = cache[self.prefill_blocks, plane]  # [P, Wp, 2, bs, Hkv, hd]
-        k, v = kv[:, :, 0].flatten(1, 2), kv[:, :, 1].flatten(1, 2)  # [P, C, Hkv, hd]
+        kv = cache[self.prefill_blocks, plane].flatten(1, 2)  # one gather: [P, C, 2, Hkv, hd]
+        k, v = kv[:, :, 0], kv[:, :, 1]  # [P, C, Hkv, hd] views
         keys = torch.arange(k.shape[1], device=q.device)
         mask = keys[None, None, :] <= pos[:, :, None]  # [P, Lq, C]
         out = F.scaled_dot_product_attention(
@@ -144,8 +144,8 @@ class AttentionPlan:
         """rows [n] of the decode rows (None: all of them)."""
         blocks = self.decode_blocks if rows is None else self.decode_blocks[rows]
         valid = self.decode_key_valid if rows is None else self.decode_key_valid[rows]
-        k = cache[blocks, plane, 0].flatten(1, 2)  # whole blocks: [n, W * bs, Hkv, hd]
-        v = cache[blocks, plane, 1].flatten(1, 2)
+        kv = cache[blocks, plane].flatten(1, 2)  # whole blocks, one gather: [n, W*bs, 2, Hkv, hd]
+        k, v = kv[:, :, 0], kv[:, :, 1]  # [n, W * bs, Hkv, hd] views
         mask = valid[:, None, None, :]  # [n, 1, 1, W * bs]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -154,9 +154,8 @@ class AttentionPlan:
 
     def _attend_prefill(self, cache: torch.Tensor, plane: int, piece: PrefillSlice,
                         tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        kv = cache[piece.blocks, plane]  # [nb, 2, bs, Hkv, hd]
-        k = kv[:, 0].flatten(0, 1)[:piece.context_len]  # [ctx, Hkv, hd]
-        v = kv[:, 1].flatten(0, 1)[:piece.context_len]
+        kv = cache[piece.blocks, plane].flatten(0, 1)[:piece.context_len]  # [ctx, 2, Hkv, hd]
+        k, v = kv[:, 0], kv[:, 1]  # [ctx, Hkv, hd] views
         query_pos = self.positions[tokens]  # [a]
         key_pos = torch.arange(k.shape[0], device=k.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [a, ctx]

@@ -91,7 +91,8 @@ class ModelRunner:
                                  cost_model)
         cfg = self.config
         # one block more than the manager hands out: the scratch block of padded rows
-        shape = (num_blocks + 1, cfg.max_loops, 2, block_size, cfg.n_kv_heads, cfg.head_dim)
+        # k and v of a position side by side: a block's plane reads as one [bs, 2, Hkv, hd] run
+        shape = (num_blocks + 1, cfg.max_loops, block_size, 2, cfg.n_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=model.device)
                           for _ in range(cfg.n_layers)]
         self.static = None

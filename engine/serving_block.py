@@ -9,7 +9,9 @@ launches fewer kernels. The arithmetic is `LoopBlock`'s, re-associated:
 - q and k head norms share one call with weights concatenated once; RoPE uses per-step
   tables [T, 1, hd] (cos twice, sin with the sign of rotate-half) built once per engine
   step and kept in fp32;
-- the loop scales s_t = softplus(alpha_t) and the router's step feature become constants.
+- the loop scales s_t = softplus(alpha_t) and the router's step feature become constants;
+- every residual add rides on its matmul (`addmm(x, a, W^T, alpha=s_t)`: one kernel, not two),
+  as do the memory update and the router's per-step bias.
 
 The reference forward keeps using `LoopBlock`; tests hold the engine to it.
 """
@@ -42,9 +44,9 @@ class ServingBlock:
         self.qkv_weight = (block.qkv.weight * block.attn_norm.weight).to(dtype)
         self.qk_norm = torch.cat((block.q_norm.weight.expand(cfg.n_heads, -1),
                                   block.k_norm.weight.expand(cfg.n_kv_heads, -1))).float()
-        self.attn_out = block.attn_out.weight
+        self.attn_out_t = block.attn_out.weight.t()  # [H * hd, D], for addmm
         self.gate_up = (block.mlp.gate_up.weight * block.mlp_norm.weight).to(dtype)
-        self.down = block.mlp.down.weight
+        self.down_t = block.mlp.down.weight.t()  # [F, D]
         self.hidden = cfg.ffn_hidden
         self.scales = [float(F.softplus(a)) for a in block.loop_scale.float()]  # s_t
         self._router(block)
@@ -56,7 +58,8 @@ class ServingBlock:
         self.router_weight = weight[:-1].unsqueeze(-1)  # [D, 1]
         bias = float(block.router.bias[0])
         feature = [(t - 1) / (n - 1) if n > 1 else 0.0 for t in range(1, n + 1)]
-        self.router_bias = [bias + f * float(weight[-1]) for f in feature]  # per step
+        self.router_bias = [torch.tensor([bias + f * float(weight[-1])], device=weight.device)
+                            for f in feature]  # per step, [1] fp32 (the addmm's input)
 
     def _memory(self, block: LoopBlock, global_bank: MemoryBank | None) -> None:
         memory = block.memory
@@ -90,12 +93,11 @@ class ServingBlock:
         scores = query @ self.keys_t  # [T, S]
         probs = [p.softmax(dim=-1) * gate[:, b:b + 1]
                  for b, p in enumerate(scores.split(self.slots, dim=-1))]
-        update = torch.cat(probs, dim=-1) @ self.values if len(probs) > 1 else (
-            probs[0] @ self.values)
+        weights = torch.cat(probs, dim=-1) if len(probs) > 1 else probs[0]  # [T, S]
         gates = gate.float() if len(self.bank_columns) == 2 else (
             gate.new_zeros(h.shape[0], 2, dtype=torch.float32).index_copy_(
                 1, self.bank_index, gate.float()))
-        return h + update, gates
+        return torch.addmm(h, weights, self.values), gates  # h + update, one kernel
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,14 +116,14 @@ class ServingBlock:
     def finish_step(self, x: torch.Tensor, attn: torch.Tensor, step: int) -> torch.Tensor:
         """x [T, D], attention output [T, H * hd] -> h_t [T, D]."""
         scale = self.scales[step - 1]
-        u = torch.add(x, F.linear(attn, self.attn_out), alpha=scale)
+        u = torch.addmm(x, attn, self.attn_out_t, alpha=scale)  # x + s_t attn W_o^T
         gate, up = F.linear(F.rms_norm(u, (u.shape[-1],), None, self.eps),
                             self.gate_up).split(self.hidden, dim=-1)
-        return torch.add(u, F.linear(F.silu(gate) * up, self.down), alpha=scale)
+        return torch.addmm(u, F.silu(gate) * up, self.down_t, alpha=scale)
 
     def halt_probability(self, h: torch.Tensor, step: int) -> torch.Tensor | None:
         """lam_t [T] fp32; None at the model's last step N (where it is exactly 1)."""
         if step == self.cfg.max_loops:
             return None
-        return torch.sigmoid(torch.add(h.float() @ self.router_weight,
-                                       self.router_bias[step - 1])).squeeze(-1)
+        logit = torch.addmm(self.router_bias[step - 1], h.float(), self.router_weight)  # [T, 1]
+        return torch.sigmoid(logit).squeeze(-1)
