@@ -1,0 +1,32 @@
+"""The IPC benchmark: both codecs bring the core's typed messages back, both transports carry
+them (a short run; the figures come from the benchmark)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.ipc_cost import decode_batches, main, msgpack_codec, pipe_us, zmq_us
+from engine.core_messages import decode, encode
+
+pytest.importorskip("msgpack")
+pytest.importorskip("zmq")
+
+
+def test_msgpack_and_pickle_bring_back_the_same_batch():
+    (batch, *_), step_s = decode_batches(3, steps=1)
+    assert step_s > 0 and len(batch.outputs) == 3 and batch.stats is not None
+    enc, dec = msgpack_codec()
+    for back in (dec(enc(batch)), decode(encode(batch))):
+        assert [o.request_id for o in back.outputs] == [o.request_id for o in batch.outputs]
+        assert [o.outputs[0].token_ids for o in back.outputs] == [
+            o.outputs[0].token_ids for o in batch.outputs]
+        assert back.status == batch.status
+        assert back.stats.layer_iterations == batch.stats.layer_iterations
+
+
+def test_both_transports_deliver_and_the_run_reports_both_paths(capsys):
+    assert pipe_us(b"x" * 100, 20) > 0 and zmq_us(b"x" * 100, 20) > 0
+    (row,) = main(["--batch-sizes", "2", "--messages", "20", "--repeats", "2"])["results"]
+    for path in ("pickle_pipe", "msgpack_zmq"):
+        assert row[path]["bytes_per_token"] > 0 and row[path]["share_of_step"] > 0
+    assert '"benchmark": "ipc_cost"' in capsys.readouterr().out
