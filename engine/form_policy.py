@@ -83,12 +83,12 @@ def calibrate(model: LoopLM, max_rows: int) -> CostModel:
     seconds = []
     for rows in sizes:
         h = torch.randn(rows, cfg.d_model, device=device).to(model.dtype)
-        cos = sin = torch.ones(rows, 1, cfg.head_dim, device=device)
+        rope = torch.ones(rows, 1, cfg.head_dim // 2, dtype=torch.complex64, device=device)
         attn = torch.zeros(rows, cfg.q_dim, device=device, dtype=model.dtype)
 
-        def dense(h=h, cos=cos, sin=sin, attn=attn):
+        def dense(h=h, rope=rope, attn=attn):
             x, _ = block.read_memory(h)
-            block.project_qkv(x, cos, sin)
+            block.project_qkv(x, rope)
             return block.halt_probability(block.finish_step(x, attn, 1), 1)
 
         seconds.append(_timed(dense, device))

@@ -30,8 +30,7 @@ from engine.serving_block import ServingBlock
 class StepTokens:
     """Per-token inputs of one engine step that every layer shares."""
 
-    cos: torch.Tensor  # [T, 1, hd] fp32 (see serving_block.rope_tables)
-    sin: torch.Tensor  # [T, 1, hd] fp32
+    rope: torch.Tensor  # [T, 1, hd/2] complex64 (see serving_block.rope_table)
     halt_below: torch.Tensor  # [N, T] fp32: a token halts at step t once R_t < [t-1]: its
     # request's threshold, or +inf from its request's max_loops on
     blocks: torch.Tensor  # [T] long KV block each token's k/v is written to
@@ -92,7 +91,7 @@ def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     they add nothing to the mixture)."""
     active = layer.active
     x, gates = block.read_memory(layer.state)
-    q, k, v = block.project_qkv(x, tokens.cos, tokens.sin)
+    q, k, v = block.project_qkv(x, tokens.rope)
     kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, hd]
     if layer.kv_last is not None:
         kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
@@ -117,8 +116,7 @@ def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
         _write_plane(cache, tokens, step - 1, layer.kv_last)
         return 0
     x, gates = block.read_memory(layer.state.index_select(0, rows))
-    q, k, v = block.project_qkv(x, tokens.cos.index_select(0, rows),
-                                tokens.sin.index_select(0, rows))
+    q, k, v = block.project_qkv(x, tokens.rope.index_select(0, rows))
     kv_rows = torch.stack((k, v), dim=1)  # [A, 2, Hkv, hd]
     kv = kv_rows if layer.kv_last is None else layer.kv_last.index_copy(0, rows, kv_rows)
     _write_plane(cache, tokens, step - 1, kv)
@@ -126,7 +124,7 @@ def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     weight, left, halted = _halting(block, h, layer.remaining.index_select(0, rows),
                                     tokens.halt_below[step - 1].index_select(0, rows), step)
     layer.mixture.index_add_(0, rows, weight.unsqueeze(-1) * h)  # promotes to fp32
-    layer.gate_sum.index_add_(0, rows, gates)
+    layer.gate_sum.index_add_(0, rows, gates.float())
     layer.depth.index_add_(0, rows, torch.ones_like(rows))
     layer.state = layer.state.index_copy(0, rows, h)
     layer.remaining = layer.remaining.index_copy(0, rows, left)

@@ -35,7 +35,7 @@ from engine.loop_step import (
     masked_step,
 )
 from engine.paged_attention import AttentionPlan
-from engine.serving_block import ServingBlock, rope_tables
+from engine.serving_block import ServingBlock, rope_table
 from engine.static_decode import StaticDecode, StaticInputs
 from engine.step_upload import StepUpload
 from model.looplm import LoopLM
@@ -152,8 +152,8 @@ class ModelRunner:
         """The whole decode forward on a bucket's buffers: every layer, every loop step in
         the masked form (fixed shapes, no host sync: what a CUDA graph captures)."""
         positions = inputs.positions
-        cos, sin = rope_tables(*self.model.rotary.tables(positions))
-        tokens = StepTokens(cos=cos, sin=sin, halt_below=inputs.halt_below,
+        rope = rope_table(*self.model.rotary.tables(positions))
+        tokens = StepTokens(rope=rope, halt_below=inputs.halt_below,
                             blocks=inputs.slot_blocks, offsets=positions % self.block_size,
                             plan=inputs.plan(self.block_size))
         h = self.model.embed(inputs.token_ids)
@@ -213,9 +213,9 @@ class ModelRunner:
                      ) -> StepTokens:
         """The per-token views every layer of an eager step shares."""
         positions = uploaded["positions"]
-        cos, sin = rope_tables(*self.model.rotary.tables(positions))  # [T, 1, hd] fp32
+        rope = rope_table(*self.model.rotary.tables(positions))  # [T, 1, hd/2] complex64
         halt_below = halt_thresholds(uploaded["eps"], uploaded["loops"], num_steps)
-        return StepTokens(cos=cos, sin=sin, halt_below=halt_below,
+        return StepTokens(rope=rope, halt_below=halt_below,
                           blocks=uploaded["slot_blocks"], offsets=positions % self.block_size,
                           plan=AttentionPlan.build(layout, uploaded))
 

@@ -6,9 +6,13 @@ launches fewer kernels. The arithmetic is `LoopBlock`'s, re-associated:
   folded into the bank keys (q k^T = rms(x_n) diag(w_q) K^T), one score matmul over the
   concatenated slots, and the value and output projections folded together
   (g P V W^T = [g_l P_l, g_g P_g] [V_l W_l^T; V_g W_g^T]): one readout matmul;
-- q and k head norms share one call with weights concatenated once; RoPE uses per-step
-  tables [T, 1, hd] (cos twice, sin with the sign of rotate-half) built once per engine
-  step and kept in fp32;
+- q and k head norms share one call with weights concatenated once;
+- RoPE is one complex multiply: the q and k rows of the qkv weight are reordered once so
+  that each head holds its rotate-half pairs (x_j, x_{j+hd/2}) side by side, as complex
+  numbers x_j + i x_{j+hd/2}; rotating is then `x * e^{i theta}` with a per-step table
+  [T, 1, hd/2] complex64 built once per engine step (fp32, also in a bf16 model). q k^T,
+  the head norms and the KV pool are indifferent to the order (q and k share it; v keeps
+  its own), so attention sees exactly what the reference computes;
 - the loop scales s_t = softplus(alpha_t) and the router's step feature become constants;
 - every residual add rides on its matmul (`addmm(x, a, W^T, alpha=s_t)`: one kernel, not two),
   as do the memory update and the router's per-step bias.
@@ -27,9 +31,22 @@ from model.block import LoopBlock
 from model.memory import MemoryBank
 
 
-def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, 1, hd/2] tables -> full-width [T, 1, hd] for x * cos + rotate_half(x) * sin."""
-    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[T, 1, hd/2] cos and sin tables -> e^{i theta} [T, 1, hd/2] complex64."""
+    return torch.complex(cos.float(), sin.float())
+
+
+def pair_order(head_dim: int) -> torch.Tensor:
+    """[hd]: new position 2j holds old j, 2j + 1 holds old j + hd/2 (rotate-half pairs)."""
+    half = head_dim // 2
+    return torch.stack((torch.arange(half), torch.arange(half, head_dim)), dim=-1).flatten()
+
+
+def _qkv_rows(heads: int, head_dim: int, v_dim: int, order: torch.Tensor) -> torch.Tensor:
+    """Rows of the qkv weight in serving order: each q and k head in pair order, v as is."""
+    qk = torch.arange(heads, device=order.device)[:, None] * head_dim + order  # [heads, hd]
+    v = torch.arange(heads * head_dim, heads * head_dim + v_dim, device=order.device)
+    return torch.cat((qk.flatten(), v))
 
 
 class ServingBlock:
@@ -41,9 +58,12 @@ class ServingBlock:
         self.cfg = cfg
         self.eps = cfg.norm_eps
         dtype = block.qkv.weight.dtype
-        self.qkv_weight = (block.qkv.weight * block.attn_norm.weight).to(dtype)
+        order = pair_order(cfg.head_dim).to(block.qkv.weight.device)
+        rows = _qkv_rows(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim, cfg.kv_dim, order)
+        self.qkv_weight = (block.qkv.weight * block.attn_norm.weight)[rows].to(dtype)
         self.qk_norm = torch.cat((block.q_norm.weight.expand(cfg.n_heads, -1),
-                                  block.k_norm.weight.expand(cfg.n_kv_heads, -1))).float()
+                                  block.k_norm.weight.expand(cfg.n_kv_heads, -1)))[:, order]
+        self.qk_norm = self.qk_norm.float().contiguous()  # [heads, hd] in pair order
         self.attn_out_t = block.attn_out.weight.t()  # [H * hd, D], for addmm
         self.gate_up = (block.mlp.gate_up.weight * block.mlp_norm.weight).to(dtype)
         self.down_t = block.mlp.down.weight.t()  # [F, D]
@@ -84,7 +104,9 @@ class ServingBlock:
 
     # ------------------------------------------------------------------ one loop step
     def read_memory(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [T, D] -> (x [T, D], gates [T, 2] fp32), as `LoopBlock.read_memory`."""
+        """h [T, D] -> (x [T, D], gates [T, 2]), as `LoopBlock.read_memory`; the gates stay
+        in the model dtype where both banks are read (the fp32 sums they go into promote
+        them, so a bf16 model pays no cast kernel)."""
         if not self.has_memory:
             return h, h.new_zeros(h.shape[0], 2, dtype=torch.float32)
         normed = F.rms_norm(h, (h.shape[-1],), self.memory_norm, self.eps)
@@ -94,23 +116,23 @@ class ServingBlock:
         probs = [p.softmax(dim=-1) * gate[:, b:b + 1]
                  for b, p in enumerate(scores.split(self.slots, dim=-1))]
         weights = torch.cat(probs, dim=-1) if len(probs) > 1 else probs[0]  # [T, S]
-        gates = gate.float() if len(self.bank_columns) == 2 else (
+        gates = gate if len(self.bank_columns) == 2 else (
             gate.new_zeros(h.shape[0], 2, dtype=torch.float32).index_copy_(
                 1, self.bank_index, gate.float()))
         return torch.addmm(h, weights, self.values), gates  # h + update, one kernel
 
-    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def project_qkv(self, x: torch.Tensor, rope: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, D] -> q [T, H, hd], k, v [T, Hkv, hd]; cos/sin from `rope_tables`."""
+        """x [T, D], rope [T, 1, hd/2] from `rope_table` -> q [T, H, hd], k, v [T, Hkv, hd]
+        (q and k in pair order)."""
         cfg = self.cfg
         heads = cfg.n_heads + cfg.n_kv_heads
         qkv = F.linear(F.rms_norm(x, (x.shape[-1],), None, self.eps), self.qkv_weight)
         qk = qkv[:, :heads * cfg.head_dim].unflatten(-1, (heads, cfg.head_dim))
         v = qkv[:, heads * cfg.head_dim:].unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         qk = F.rms_norm(qk.float(), (cfg.head_dim,), None, self.eps) * self.qk_norm
-        half = cfg.head_dim // 2
-        rotated = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
-        qk = torch.addcmul(qk * cos, rotated, sin).to(x.dtype)
+        pairs = torch.view_as_complex(qk.unflatten(-1, (cfg.head_dim // 2, 2)))
+        qk = torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)  # [T, heads, hd]
         return qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v
 
     def finish_step(self, x: torch.Tensor, attn: torch.Tensor, step: int) -> torch.Tensor:
