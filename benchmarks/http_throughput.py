@@ -7,7 +7,10 @@ At each concurrency c, the same greedy requests (distinct prompts, fixed output 
 The ratio http / offline is what the HTTP layer costs; time is never asserted anywhere.
 With an engine-core process, each HTTP level also reports the IPC cost from the server's
 `loopserve_engine_core_{messages,bytes}_total` counters: messages per second and per token,
-bytes per token (what crossed from the core while the level's requests ran).
+bytes per token (what crossed from the core while the level's requests ran). And it reports
+where the CPU went while the requests ran: cores busy in the load-generating client (this
+process), the API process and the engine-core process (from /proc, Linux), against the
+machine's core count: on a small machine the three contend, which offline never does.
 
     python -m benchmarks.http_throughput                     # the bundled model, else a CPU model
     python -m benchmarks.http_throughput --model DIR --concurrency 1 8 32 64 --max-tokens 64
@@ -105,6 +108,47 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process so far (None where /proc cannot say)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (the engine core of a server) from /proc, leaving out
+    multiprocessing's resource tracker."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            if b"resource_tracker" not in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+    return found
+
+
+class CpuMeter:
+    """Cores kept busy by the client (this process), the API process and its children."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.pids = {"api": server_pid} if server_pid else {}
+        if server_pid:
+            self.pids.update({f"core_{i}" if i else "core": p
+                              for i, p in enumerate(child_pids(server_pid))})
+
+    def read(self) -> dict[str, float | None]:
+        return {"client": time.process_time(),
+                **{name: cpu_seconds(pid) for name, pid in self.pids.items()}}
+
+    @staticmethod
+    def cores(before: dict, after: dict, seconds: float) -> dict[str, float]:
+        return {f"{name}_cores": round((after[name] - before[name]) / seconds, 2)
+                for name in before if before[name] is not None and after.get(name) is not None}
+
+
 @contextlib.contextmanager
 def served(model_dir: Path, args: argparse.Namespace, max_num_seqs: int):
     port = free_port()
@@ -121,7 +165,7 @@ def served(model_dir: Path, args: argparse.Namespace, max_num_seqs: int):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("loopserve serve did not start")
             time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(60)
@@ -161,9 +205,9 @@ async def _ipc_counts(http: httpx.AsyncClient) -> tuple[float, float] | None:
     return (found["messages"], found["bytes"]) if len(found) == 2 else None
 
 
-async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool
-                   ) -> tuple[float, dict | None]:
-    """Tokens per second, and the IPC cost while the requests ran."""
+async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
+                   meter: CpuMeter) -> tuple[float, dict | None, dict]:
+    """Tokens per second, the IPC cost and the cores busy while the requests ran."""
     pending = list(reversed(bodies))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -175,10 +219,11 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool
                 tokens += await _one(http, pending.pop(), stream)
             return tokens
 
-        before = await _ipc_counts(http)
+        before, cpu_before = await _ipc_counts(http), meter.read()
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
         seconds = time.perf_counter() - start
+        cpu = CpuMeter.cores(cpu_before, meter.read(), seconds)
         after = await _ipc_counts(http)
     ipc = None
     if before is not None and after is not None:
@@ -186,14 +231,14 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool
         ipc = {"messages_per_s": round(messages / seconds, 1),
                "messages_per_token": round(messages / max(tokens, 1), 3),
                "bytes_per_token": round(size / max(tokens, 1), 1)}
-    return tokens / seconds, ipc
+    return tokens / seconds, ipc, cpu
 
 
 def http_throughput(url: str, args: argparse.Namespace, texts: list[str], concurrency: int,
-                    stream: bool) -> tuple[float, dict | None]:
+                    stream: bool, meter: CpuMeter) -> tuple[float, dict | None, dict]:
     bodies = [{"prompt": t, "max_tokens": args.max_tokens, "temperature": 0.0,
                "ignore_eos": True} for t in texts]
-    return asyncio.run(_clients(url, bodies, concurrency, stream))
+    return asyncio.run(_clients(url, bodies, concurrency, stream, meter))
 
 
 # ---------------------------------------------------------------------- the run
@@ -205,7 +250,7 @@ def describe(model_dir: Path, source: str) -> dict:
 
 
 def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: list[str],
-                  concurrency: int) -> dict:
+                  concurrency: int, meter: CpuMeter) -> dict:
     """Best of `--repeats` rounds; each round runs offline, HTTP and SSE back to back, so a
     burst of load from elsewhere on a shared machine hits all variants alike."""
     count = min(args.requests, max(8, args.requests_per_client * concurrency))
@@ -213,12 +258,17 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
     offline = Offline(model_dir, args, concurrency)
     runs: dict[str, list[float]] = {"offline": [], "http": [], "stream": []}
     ipc: dict[str, dict | None] = {}
+    cpu: dict[str, dict] = {}
     for _ in range(args.repeats):
+        start = (time.perf_counter(), time.process_time())
         runs["offline"].append(offline.throughput(subset))
+        cpu["offline"] = {"client_cores": round((time.process_time() - start[1])
+                                                / (time.perf_counter() - start[0]), 2)}
         for name, stream in (("http", False), ("stream", True)):
             if stream and args.no_stream:
                 continue
-            rate, ipc[name] = http_throughput(url, args, subset, concurrency, stream)
+            rate, ipc[name], cpu[name] = http_throughput(url, args, subset, concurrency,
+                                                         stream, meter)
             runs[name].append(rate)
     best = {name: max(values) for name, values in runs.items() if values}
     level = {"concurrency": concurrency, "requests": count,
@@ -231,6 +281,7 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
     level["runs_tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items() if vs}
     if any(ipc.values()):
         level["ipc_last_round"] = ipc
+    level["cpu_cores_last_round"] = cpu
     print(json.dumps(level), file=sys.stderr)
     return level
 
@@ -241,8 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir, source = checkpoint(args, Path(scratch))
         texts = prompts(args.requests, args.prompt_len, args.seed)
-        with served(model_dir, args, max(args.concurrency)) as url:
-            levels = [measure_level(model_dir, url, args, texts, c) for c in args.concurrency]
+        with served(model_dir, args, max(args.concurrency)) as (url, pid):
+            meter = CpuMeter(pid)
+            levels = [measure_level(model_dir, url, args, texts, c, meter)
+                      for c in args.concurrency]
         result = {"benchmark": "http_throughput",
                   "machine": platform.processor() or platform.machine(),
                   "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
