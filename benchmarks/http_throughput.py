@@ -258,18 +258,19 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
     offline = Offline(model_dir, args, concurrency)
     runs: dict[str, list[float]] = {"offline": [], "http": [], "stream": []}
     ipc: dict[str, dict | None] = {}
-    cpu: dict[str, dict] = {}
+    cpu: dict[str, list[dict]] = {"offline": [], "http": [], "stream": []}
     for _ in range(args.repeats):
         start = (time.perf_counter(), time.process_time())
         runs["offline"].append(offline.throughput(subset))
-        cpu["offline"] = {"client_cores": round((time.process_time() - start[1])
-                                                / (time.perf_counter() - start[0]), 2)}
+        cpu["offline"].append({"engine_cores": round((time.process_time() - start[1])
+                                                     / (time.perf_counter() - start[0]), 2)})
         for name, stream in (("http", False), ("stream", True)):
             if stream and args.no_stream:
                 continue
-            rate, ipc[name], cpu[name] = http_throughput(url, args, subset, concurrency,
-                                                         stream, meter)
+            rate, ipc[name], cores = http_throughput(url, args, subset, concurrency, stream,
+                                                     meter)
             runs[name].append(rate)
+            cpu[name].append(cores)
     best = {name: max(values) for name, values in runs.items() if values}
     level = {"concurrency": concurrency, "requests": count,
              "offline_tokens_per_s": round(best["offline"], 1),
@@ -281,7 +282,8 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
     level["runs_tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items() if vs}
     if any(ipc.values()):
         level["ipc_last_round"] = ipc
-    level["cpu_cores_last_round"] = cpu
+    level["cpu_cores_best_round"] = {  # of the round whose throughput is reported
+        name: cpu[name][values.index(best[name])] for name, values in runs.items() if values}
     print(json.dumps(level), file=sys.stderr)
     return level
 

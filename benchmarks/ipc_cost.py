@@ -8,14 +8,18 @@ would send (prompt ids left out, step statistics and status included). For each 
 - codec: encode and decode time (best of repeats) and bytes of that batch, by pickle
   (`core_messages.encode/decode`) and by msgpack with a dataclass extension type (the typed
   objects come back, as the API process needs them);
-- transport: one-way time per message of those bytes from a child process, through a
-  `multiprocessing` pipe and through a ZMQ PUSH/PULL pair over `ipc://`;
+- transport, through a `multiprocessing` pipe and through a ZMQ pair over `ipc://`, with a
+  child process: latency (half the round trip of a one-byte ping answered by the batch's
+  bytes: the core sends one message per step to a receiver that waits for it, so this is
+  the figure that counts) and, for reference, burst time per message (the child streams
+  them back to back, which lets ZMQ's I/O thread batch);
 - the engine step's own time, and each path's whole per-message cost as a share of it.
 
     python -m benchmarks.ipc_cost                 # B = 1, 8, 32, 64
     python -m benchmarks.ipc_cost --batch-sizes 64 --messages 2000
 
 msgpack and pyzmq are dev dependencies; without them that path is reported as missing.
+The msgpack codec brings tuples back as lists (the typed objects are otherwise equal).
 """
 
 from __future__ import annotations
@@ -49,18 +53,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--messages", type=int, default=1000, help="sent per transport")
     parser.add_argument("--repeats", type=int, default=200, help="codec timings, best of")
+    parser.add_argument("--logprobs", type=int, default=0,
+                        help="top logprobs each request asks for (0: none, the common case)")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
 
 
 # ---------------------------------------------------------------------- real messages
-def decode_batches(batch: int, steps: int = 4) -> tuple[list[OutputBatch], float]:
-    """The `OutputBatch` of `steps` decode steps with `batch` requests, and the best step
-    time (seconds) among them."""
-    llm = LLMEngine.from_pretrained(None, EngineConfig(), detokenize=False)
+def decode_batches(batch: int, steps: int = 4, logprobs: int = 0
+                   ) -> tuple[list[OutputBatch], float]:
+    """The `OutputBatch` of `steps` decode steps with `batch` requests (on the CPU), and the
+    best step time (seconds) among them."""
+    llm = LLMEngine.from_pretrained(None, EngineConfig(device="cpu"), detokenize=False)
     kept: list[StepStats] = []
     llm.stats_callback = kept.append
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True,
+                            logprobs=logprobs or None)
     for i in range(batch):
         prompt = [ord(c) for c in f"{10 + i}+{i * 7 % 90}="]
         llm.add_request(llm.processor.prepared(f"cmpl-{i:04d}", prompt, params))
@@ -92,10 +100,11 @@ def msgpack_codec() -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]] | N
         return msgpack.ExtType(codes[type(obj)], msgpack.packb(fields, default=default))
 
     def ext_hook(code: int, data: bytes) -> Any:
-        return DATACLASSES[code](*msgpack.unpackb(data, ext_hook=ext_hook))
+        return DATACLASSES[code](*msgpack.unpackb(data, ext_hook=ext_hook,
+                                                  strict_map_key=False))
 
     return (lambda m: msgpack.packb(m, default=default),
-            lambda b: msgpack.unpackb(b, ext_hook=ext_hook))
+            lambda b: msgpack.unpackb(b, ext_hook=ext_hook, strict_map_key=False))
 
 
 def codec_cost(messages: list[OutputBatch], codec: tuple[Callable, Callable],
@@ -119,68 +128,105 @@ def _best_us(fn: Callable[[], object], repeats: int, per: int) -> float:
 
 
 # ---------------------------------------------------------------------- transports
-def _pipe_sender(conn, payload: bytes, count: int) -> None:
+class _PipeEnd:
+    """One end of a duplex multiprocessing pipe, as the transport interface."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def send(self, data: bytes) -> None:
+        self.conn.send_bytes(data)
+
+    def recv(self) -> bytes:
+        return self.conn.recv_bytes()
+
+
+class _ZmqEnd:
+    """One end of a ZMQ PAIR socket over ipc:// (bind on the parent, connect on the child)."""
+
+    def __init__(self, address: str, bind: bool) -> None:
+        import zmq
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PAIR)
+        (self.socket.bind if bind else self.socket.connect)(address)
+
+    def send(self, data: bytes) -> None:
+        self.socket.send(data, copy=False)
+
+    def recv(self) -> bytes:
+        return self.socket.recv(copy=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=-1)
+        self.context.term()
+
+
+def _child(make: Callable[[], Any], payload: bytes, count: int) -> None:
+    """The core's side: answer each ping with the payload, then stream `count` of them."""
+    end = make()
+    end.recv()  # the parent is ready
     for _ in range(count):
-        conn.send_bytes(payload)
-    conn.close()
+        end.recv()
+        end.send(payload)
+    for _ in range(count):
+        end.send(payload)
+    end.recv()  # the parent has everything
+    if hasattr(end, "close"):
+        end.close()
 
 
-def pipe_us(payload: bytes, count: int) -> float:
-    """One-way microseconds per message through a multiprocessing pipe."""
-    receiver, sender = mp.Pipe(duplex=False)
-    child = mp.Process(target=_pipe_sender, args=(sender, payload, count))
-    child.start()
-    receiver.recv_bytes()  # the child is up; time the rest
+def _time_transport(end: Any, count: int) -> dict[str, float]:
+    end.send(b"go")
+    start = time.perf_counter()
+    for _ in range(count):
+        end.send(b"p")
+        end.recv()
+    round_trip = (time.perf_counter() - start) / count
+    end.recv()  # the first of the burst: the child is streaming
     start = time.perf_counter()
     for _ in range(count - 1):
-        receiver.recv_bytes()
-    elapsed = time.perf_counter() - start
+        end.recv()
+    burst = (time.perf_counter() - start) / (count - 1)
+    end.send(b"done")
+    return {"latency_us": round_trip / 2 * 1e6, "burst_us": burst * 1e6}
+
+
+def pipe_cost(payload: bytes, count: int) -> dict[str, float]:
+    """Latency (half a ping/answer round trip) and burst time per message, in us, through
+    a multiprocessing pipe."""
+    parent, child_conn = mp.Pipe(duplex=True)
+    child = mp.Process(target=_child, args=(lambda: _PipeEnd(child_conn), payload, count))
+    child.start()
+    result = _time_transport(_PipeEnd(parent), count)
     child.join()
-    return elapsed / (count - 1) * 1e6
+    return result
 
 
-def _zmq_sender(address: str, payload: bytes, count: int) -> None:
-    import zmq
-    context = zmq.Context()
-    socket = context.socket(zmq.PUSH)
-    socket.connect(address)
-    for _ in range(count):
-        socket.send(payload, copy=False)
-    socket.close(linger=-1)
-    context.term()
-
-
-def zmq_us(payload: bytes, count: int) -> float | None:
-    """One-way microseconds per message through ZMQ PUSH/PULL over ipc://, or None."""
+def zmq_cost(payload: bytes, count: int) -> dict[str, float] | None:
+    """The same through ZMQ PAIR sockets over ipc://, or None without pyzmq."""
     try:
-        import zmq
+        import zmq  # noqa: F401
     except ImportError:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         address = f"ipc://{Path(tmp) / 'core.sock'}"
-        context = zmq.Context()
-        socket = context.socket(zmq.PULL)
-        socket.bind(address)
-        child = mp.Process(target=_zmq_sender, args=(address, payload, count))
+        end = _ZmqEnd(address, bind=True)
+        child = mp.Process(target=_child,
+                           args=(lambda: _ZmqEnd(address, bind=False), payload, count))
         child.start()
-        socket.recv(copy=False)
-        start = time.perf_counter()
-        for _ in range(count - 1):
-            socket.recv(copy=False)
-        elapsed = time.perf_counter() - start
+        result = _time_transport(end, count)
         child.join()
-        socket.close()
-        context.term()
-    return elapsed / (count - 1) * 1e6
+        end.close()
+    return result
 
 
 # ---------------------------------------------------------------------- the run
 def measure(batch: int, args: argparse.Namespace) -> dict[str, Any]:
-    messages, step_s = decode_batches(batch)
+    messages, step_s = decode_batches(batch, logprobs=args.logprobs)
     row: dict[str, Any] = {"batch": batch, "step_us": step_s * 1e6}
-    paths = {"pickle_pipe": ((encode, decode), pipe_us)}
+    paths = {"pickle_pipe": ((encode, decode), pipe_cost)}
     packed = msgpack_codec()
-    paths["msgpack_zmq"] = (packed, zmq_us) if packed else (None, None)
+    paths["msgpack_zmq"] = (packed, zmq_cost) if packed else (None, None)
     for name, (codec, transport) in paths.items():
         if codec is None:
             row[name] = {"missing": "pip install msgpack pyzmq (the dev extra has them)"}
@@ -190,8 +236,8 @@ def measure(batch: int, args: argparse.Namespace) -> dict[str, Any]:
         if wire is None:
             row[name] = {"missing": "pyzmq"}
             continue
-        total = cost["encode_us"] + wire + cost["decode_us"]
-        row[name] = {**cost, "transport_us": wire, "total_us": total,
+        total = cost["encode_us"] + wire["latency_us"] + cost["decode_us"]
+        row[name] = {**cost, **wire, "total_us": total,
                      "share_of_step": total / row["step_us"],
                      "bytes_per_token": cost["bytes"] / batch}
     print(f"batch {batch}: " + ", ".join(
@@ -203,8 +249,9 @@ def measure(batch: int, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"benchmark": "ipc_cost", "machine": machine_name("cpu"),
+    result = {"benchmark": "ipc_cost", "machine": machine_name("cpu"), "device": "cpu",
               "threads": torch.get_num_threads(), "messages": args.messages,
+              "logprobs": args.logprobs,
               "results": [measure(b, args) for b in args.batch_sizes]}
     print(json.dumps(result))
     return result

@@ -8,6 +8,11 @@ as `F.linear` on the model's own weights (the shapes any engine of this model mu
 a benchmark can say how close an engine is to the floor and how far *any* engine of the same
 weights could get ahead of another: `peer_seconds / floor_seconds` is the largest speed-up
 over the peer that removing every non-matmul cost would give.
+
+It is a bound where the matmuls themselves take the time: on a CPU at any batch, and on a
+GPU at large batch. On a GPU at small batch these eager `F.linear` calls are bound by their
+launches, which a CUDA-graph engine does not pay, so there the floor is only a reference.
+Dense models only (max_loops = 1, no memory), as the transformers comparison uses.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from model.looplm import LoopLM
 
 def weight_matrices(model: LoopLM) -> list[torch.Tensor]:
     """Every [out, in] weight one dense forward multiplies by, in order (LM head last)."""
+    if model.config.max_loops != 1 or model.config.has_memory:
+        raise ValueError("the matmul floor is for dense models (max_loops=1, no memory)")
     mats = []
     for block in model.layers:
         mats += [block.qkv.weight, block.attn_out.weight, block.mlp.gate_up.weight,

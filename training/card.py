@@ -356,8 +356,10 @@ def _extra_note(corpus: Corpus) -> str:
     if not corpus.extra_phrasings:
         return ""
     return (f" Training also asks each fact in {len(EXTRA_FRAMES)} training-only frames "
-            "(`data.EXTRA_FRAMES`: the country early, late or in the middle), none a rewording "
-            "of the ten, so the held-out phrasing is still one never seen for that fact.")
+            "(`data.EXTRA_FRAMES`: the country early, late or in the middle). None is one of "
+            "the ten, so the held-out phrasing is still never seen for that fact, but a few are "
+            "close to some of the ten (\"Say the capital of X.\" beside \"Give the capital of "
+            "X.\"): for some facts the held-out question has a near cousin in training.")
 
 
 def _semantics_lines(cfg: dict[str, Any], compare: dict[str, dict[str, Any]]) -> list[str]:

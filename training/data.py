@@ -63,9 +63,11 @@ FACT_QUESTIONS = {
 }
 RELATIONS = tuple(FACT_QUESTIONS)
 # Training-only question frames (`--extra-phrasings`): the country early, late and in the
-# middle, so that no held-out phrasing is new in kind. None rewords one of the ten above
-# (no "tell me", "name", "give", "do you know", "what's"), so a held-out question stays one
-# the model has never seen for that fact. {rel} is the relation's noun, {c} the country.
+# middle, so that no held-out phrasing is new in kind. None is one of the ten above, and
+# none uses their lead words ("tell me", "name", "give", "do you know", "what's"); a few are
+# near them ("Say the ..." / "Give the ...", "What would be the ..." / "What is the ..."),
+# so for some facts the held-out question has a close cousin in training, never a copy.
+# {rel} is the relation's noun, {c} the country.
 EXTRA_FRAMES = (
     "{c}: what is its {rel}?", "For {c}, what is the {rel}?", "In {c}, which is the {rel}?",
     "{c} - {rel}?", "About {c}: its {rel}?", "Country: {c}. Its {rel}?",
@@ -314,8 +316,9 @@ class Corpus:
 
     def split_of(self, problem: Problem) -> str:
         if problem.task == "fact":
-            country = problem.operands[0]
-            return self._fact_splits[(country, problem.relation)].get(problem.phrasing, "train")
+            if problem.phrasing >= len(FACT_QUESTIONS[problem.relation]):
+                return "train"  # an EXTRA_QUESTIONS frame
+            return self._fact_splits[(problem.operands[0], problem.relation)][problem.phrasing]
         return split_of_key(problem.key, self.seed)
 
     def draw_problem(self, split: str, task: str, difficulty: int, rng: random.Random
