@@ -188,3 +188,24 @@ def test_card_says_where_the_weights_started_and_the_mix(tmp_path):
     assert "20 training-only frames" in card
     assert "| 2-digit addition, exact match | >= 95.0% |" in card
     assert "better than the previous 3.3%" in card
+
+
+def test_consistent_semantics_runs_both_and_pulls_adaptive_to_exact(tmp_path):
+    from training.train import consistent_loss, new_state, train_threshold
+    cfg = quick(tmp_path / "c", steps=2, warmup_steps=1, eval_every=2, semantics="consistent")
+    state = train(TINY, cfg)
+    assert state.step == 2
+    record = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text()
+              .splitlines() if '"train"' in line][-1]
+    assert record["kl"] >= 0 and "ce_exact" in record
+    assert train_threshold(cfg, TINY, 0) == TINY.halt_threshold  # adaptive on every step
+    fresh = new_state(TINY, cfg)
+    batch = collate(Corpus(0).held_out("val", 1)[:8], TINY.pad_token_id)
+    loss0, stats0 = consistent_loss(fresh.model, batch, 0.3,
+                                    dataclasses.replace(cfg, consistency_weight=0.0))
+    loss1, stats1 = consistent_loss(fresh.model, batch, 0.3, cfg)
+    assert stats1["kl"] > 0  # the semantics differ at threshold 0.3
+    assert float(loss1 - loss0) == pytest.approx(stats1["kl"], rel=1e-3, abs=1e-6)
+    assert stats0["kl"] == stats1["kl"]  # the weight scales the term, not the divergence
+    with pytest.raises(ValueError, match="consistency_weight"):
+        TrainConfig(consistency_weight=-1.0)

@@ -365,7 +365,9 @@ def _extra_note(corpus: Corpus) -> str:
 def _semantics_lines(cfg: dict[str, Any], compare: dict[str, dict[str, Any]]) -> list[str]:
     lines = [f"**Training semantics: {cfg['semantics']}** (exact: every token runs all loop "
              "steps; adaptive: tokens halt at the threshold and later steps see their last "
-             "k/v, as served; mixed: the two alternate step by step)."]
+             "k/v, as served; mixed: the two alternate step by step; consistent: both on "
+             "every batch, plus a KL term pulling the adaptive prediction to the exact one, "
+             f"weight {cfg.get('consistency_weight', 1.0):g})."]
     if not compare:
         return lines
     best_ce = min(compare, key=lambda n: compare[n]["answer_cross_entropy"]["adaptive"])

@@ -38,7 +38,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     p.add_argument("--semantics", choices=SEMANTICS, default=DEFAULTS.semantics,
                    help="exact: all tokens run N loop steps; adaptive: tokens halt at the "
-                        "threshold as in serving")
+                        "threshold as in serving; mixed: the two on alternate steps; "
+                        "consistent: both on every batch, plus --consistency-weight * "
+                        "KL(exact || adaptive) on the answers (twice the step cost)")
+    p.add_argument("--consistency-weight", type=float, default=DEFAULTS.consistency_weight,
+                   help="weight of the KL term of --semantics consistent")
     p.add_argument("--threshold", type=float, default=None,
                    help="halting threshold of adaptive training (default: the model's)")
     p.add_argument("--ponder-weight", type=float, default=DEFAULTS.ponder_weight)
@@ -88,7 +92,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         train_threshold=args.threshold, ponder_weight=args.ponder_weight,
         log_every=args.log_every, eval_every=args.eval_every, val_per_cell=args.val_per_cell,
         threads=args.threads, task_mix=args.mix, init_from=args.init_from,
-        extra_phrasings=args.extra_phrasings)
+        extra_phrasings=args.extra_phrasings, consistency_weight=args.consistency_weight)
 
 
 def main(argv: list[str]) -> int:

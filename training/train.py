@@ -36,7 +36,7 @@ from training.data import Corpus, Example, Mixture
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "log.jsonl"
-SEMANTICS = ("exact", "adaptive", "mixed")
+SEMANTICS = ("exact", "adaptive", "mixed", "consistent")
 BUCKETS = 8  # batches drawn at once and grouped by length
 
 # The bundled model: ~1M parameters (about 4 MB in fp32), 4 layers that loop up to 3 times.
@@ -70,6 +70,7 @@ class TrainConfig:
     task_mix: str = ""  # "add=0.35,sub=0.2,...": training task weights ("" = data.Mixture())
     init_from: str = ""  # a model directory whose weights start the run ("" = random init)
     extra_phrasings: bool = False  # facts also asked in data.EXTRA_QUESTIONS (train only)
+    consistency_weight: float = 1.0  # `consistent` semantics: weight of KL(exact || adaptive)
 
     def mixture(self) -> Mixture:
         return Mixture.parse(self.task_mix) if self.task_mix else Mixture()
@@ -84,6 +85,9 @@ class TrainConfig:
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got "
                              f"{self.warmup_steps}")
+        if not (self.consistency_weight >= 0 and math.isfinite(self.consistency_weight)):
+            raise ValueError(f"consistency_weight must be a finite number >= 0, got "
+                             f"{self.consistency_weight}")
         if self.train_threshold is not None and not 0 <= self.train_threshold < 1:
             raise ValueError(f"train_threshold must be in [0, 1), got {self.train_threshold}")
 
@@ -125,6 +129,24 @@ def train_threshold(cfg: TrainConfig, model_cfg: ModelConfig, step: int) -> floa
     return model_cfg.halt_threshold if cfg.train_threshold is None else cfg.train_threshold
 
 
+def consistent_loss(model: LoopLM, batch: Batch, threshold: float, cfg: TrainConfig
+                    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Both semantics on the same batch: the mean of their losses, plus
+    consistency_weight * KL(exact || adaptive) on the answer tokens, with the exact
+    distribution as the fixed target. What it buys is agreement: the served (adaptive)
+    model predicting what running every loop would (DESIGN: the token agreement)."""
+    exact_loss, exact_stats = compute_loss(model, batch, None, cfg.ponder_weight)
+    logits_exact = exact_stats.pop("logits")
+    loss, stats = compute_loss(model, batch, threshold, cfg.ponder_weight)
+    logits = stats.pop("logits")
+    scored = batch.targets != IGNORE
+    kl = F.kl_div(F.log_softmax(logits[scored], -1),
+                  F.log_softmax(logits_exact[scored].detach(), -1),
+                  log_target=True, reduction="batchmean")
+    stats.update(kl=kl.item(), ce_exact=exact_stats["ce"])
+    return (exact_loss + loss) / 2 + cfg.consistency_weight * kl, stats
+
+
 def new_state(model_cfg: ModelConfig, cfg: TrainConfig, init: bool = True) -> TrainState:
     """A fresh run: seeded init (or cfg.init_from's weights when `init`), new optimizer."""
     torch.manual_seed(cfg.seed)
@@ -156,6 +178,7 @@ def compute_loss(model: LoopLM, batch: Batch, threshold: float | None, ponder_we
     scored = batch.targets != IGNORE
     token_acc = (out.logits.argmax(-1) == batch.targets)[scored].float().mean()
     stats = {"ce": ce.item(), "ponder": ponder.item(), "token_acc": token_acc.item(),
+             "logits": out.logits,  # popped by consistent_loss, dropped by train_step
              "expected_steps": steps.mean(0).tolist(),
              "gate_local": out.memory_gates[batch.real][:, :, 0].mean(0).tolist(),
              "gate_global": out.memory_gates[batch.real][:, :, 1].mean(0).tolist()}
@@ -182,8 +205,12 @@ def train_step(state: TrainState, corpus: Corpus, cfg: TrainConfig) -> dict[str,
     for group in opt.param_groups:
         group["lr"] = lr
     batch = collate(next_batch(state, corpus, cfg), model.config.pad_token_id)
-    loss, stats = compute_loss(model, batch, train_threshold(cfg, model.config, state.step),
-                               cfg.ponder_weight)
+    threshold = train_threshold(cfg, model.config, state.step)
+    if cfg.semantics == "consistent":
+        loss, stats = consistent_loss(model, batch, threshold, cfg)
+    else:
+        loss, stats = compute_loss(model, batch, threshold, cfg.ponder_weight)
+        stats.pop("logits")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -356,8 +383,9 @@ class RunLogger:
 def _mean_stats(window: list[dict[str, Any]]) -> dict[str, Any]:
     """Average the numbers (and lists of numbers) of a window of step statistics."""
     merged: dict[str, Any] = {"step": window[-1]["step"], "lr": window[-1]["lr"]}
-    for key in ("loss", "ce", "ponder", "token_acc", "grad_norm"):
-        merged[key] = round(sum(s[key] for s in window) / len(window), 4)
+    for key in ("loss", "ce", "ponder", "token_acc", "grad_norm", "kl", "ce_exact"):
+        if key in window[-1]:  # the last two: `consistent` semantics only
+            merged[key] = round(sum(s[key] for s in window) / len(window), 4)
     for key in ("expected_steps", "gate_local", "gate_global"):
         columns = zip(*(s[key] for s in window), strict=True)
         merged[key] = [round(sum(c) / len(window), 3) for c in columns]
