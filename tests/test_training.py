@@ -205,7 +205,7 @@ def test_consistent_semantics_runs_both_and_pulls_adaptive_to_exact(tmp_path):
                                     dataclasses.replace(cfg, consistency_weight=0.0))
     loss1, stats1 = consistent_loss(fresh.model, batch, 0.3, cfg)
     assert stats1["kl"] > 0  # the semantics differ at threshold 0.3
-    assert float(loss1 - loss0) == pytest.approx(stats1["kl"], rel=1e-3, abs=1e-6)
+    assert float((loss1 - loss0).detach()) == pytest.approx(stats1["kl"], rel=1e-3, abs=1e-6)
     assert stats0["kl"] == stats1["kl"]  # the weight scales the term, not the divergence
     with pytest.raises(ValueError, match="consistency_weight"):
         TrainConfig(consistency_weight=-1.0)
