@@ -140,6 +140,9 @@ class _PipeEnd:
     def recv(self) -> bytes:
         return self.conn.recv_bytes()
 
+    def close(self) -> None:
+        self.conn.close()
+
 
 class _ZmqEnd:
     """One end of a ZMQ PAIR socket over ipc:// (bind on the parent, connect on the child)."""
@@ -171,8 +174,7 @@ def _child(make: Callable[[], Any], payload: bytes, count: int) -> None:
     for _ in range(count):
         end.send(payload)
     end.recv()  # the parent has everything
-    if hasattr(end, "close"):
-        end.close()
+    end.close()
 
 
 def _time_transport(end: Any, count: int) -> dict[str, float]:

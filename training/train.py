@@ -135,10 +135,8 @@ def consistent_loss(model: LoopLM, batch: Batch, threshold: float, cfg: TrainCon
     consistency_weight * KL(exact || adaptive) on the answer tokens, with the exact
     distribution as the fixed target. What it buys is agreement: the served (adaptive)
     model predicting what running every loop would (DESIGN: the token agreement)."""
-    exact_loss, exact_stats = compute_loss(model, batch, None, cfg.ponder_weight)
-    logits_exact = exact_stats.pop("logits")
-    loss, stats = compute_loss(model, batch, threshold, cfg.ponder_weight)
-    logits = stats.pop("logits")
+    exact_loss, exact_stats, logits_exact = compute_loss(model, batch, None, cfg.ponder_weight)
+    loss, stats, logits = compute_loss(model, batch, threshold, cfg.ponder_weight)
     scored = batch.targets != IGNORE
     kl = F.kl_div(F.log_softmax(logits[scored], -1),
                   F.log_softmax(logits_exact[scored].detach(), -1),
@@ -168,8 +166,9 @@ def _load_initial_weights(model: LoopLM, directory: str) -> None:
 
 # ---------------------------------------------------------------------- one step
 def compute_loss(model: LoopLM, batch: Batch, threshold: float | None, ponder_weight: float
-                 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Answer cross-entropy + ponder_weight * (mean expected steps of real tokens - 1)/(N-1)."""
+                 ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """Answer cross-entropy + ponder_weight * (mean expected steps of real tokens - 1)/(N-1);
+    returns the loss, its statistics and the logits [B, T, V]."""
     out = model(batch.ids, halt_threshold=threshold)
     ce = F.cross_entropy(out.logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
     n = model.config.max_loops
@@ -178,11 +177,10 @@ def compute_loss(model: LoopLM, batch: Batch, threshold: float | None, ponder_we
     scored = batch.targets != IGNORE
     token_acc = (out.logits.argmax(-1) == batch.targets)[scored].float().mean()
     stats = {"ce": ce.item(), "ponder": ponder.item(), "token_acc": token_acc.item(),
-             "logits": out.logits,  # popped by consistent_loss, dropped by train_step
              "expected_steps": steps.mean(0).tolist(),
              "gate_local": out.memory_gates[batch.real][:, :, 0].mean(0).tolist(),
              "gate_global": out.memory_gates[batch.real][:, :, 1].mean(0).tolist()}
-    return ce + ponder_weight * ponder, stats
+    return ce + ponder_weight * ponder, stats, out.logits
 
 
 def next_batch(state: TrainState, corpus: Corpus, cfg: TrainConfig) -> list[Example]:
@@ -209,8 +207,7 @@ def train_step(state: TrainState, corpus: Corpus, cfg: TrainConfig) -> dict[str,
     if cfg.semantics == "consistent":
         loss, stats = consistent_loss(model, batch, threshold, cfg)
     else:
-        loss, stats = compute_loss(model, batch, threshold, cfg.ponder_weight)
-        stats.pop("logits")
+        loss, stats, _ = compute_loss(model, batch, threshold, cfg.ponder_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
