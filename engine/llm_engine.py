@@ -58,6 +58,7 @@ class StepStats:
     layer_iterations: list[int]  # [L] loop steps run in each layer this step
     layer_tokens: int  # tokens that went through every layer this step
     layer_gates: list[list[float]]  # [L][2] mean gate (local, global) of this step's tokens
+    step_seconds: float = 0.0  # wall time of the step, scheduling to sampled ids on the host
 
 
 class LLMEngine:
@@ -101,6 +102,7 @@ class LLMEngine:
         self.processor = InputProcessor(tokenizer, model.config, self.max_model_len, num_blocks,
                                         self.config.block_size, self.config.max_num_seqs)
         self.num_steps = 0
+        self._step_started = 0.0  # perf_counter at the start of the step in progress
         self.last_progress = time.monotonic()  # when a step last computed a token
         self.requests: dict[str, list[Request]] = {}  # parent id -> its choices
         self._ids = itertools.count()
@@ -183,6 +185,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        self._step_started = time.perf_counter()
         self.num_steps += 1
         schedule = self.scheduler.schedule()
         if schedule.block_copies:
@@ -348,7 +351,7 @@ class LLMEngine:
             prefix_hits=self.block_manager.prefix_hits,
             active_per_call=result.active_per_call,
             layer_iterations=result.depths.sum(0).tolist(), layer_tokens=len(step_input.token_ids),
-            layer_gates=gates)
+            layer_gates=gates, step_seconds=time.perf_counter() - self._step_started)
 
 
 def _bundled_dir() -> Path:

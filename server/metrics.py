@@ -46,6 +46,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                10.0, 20.0, 40.0, 80.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.125, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0)
 RATIO_BUCKETS = tuple(i / 20 for i in range(21))
 FAILURE_REASONS = ("invalid_request", "queue_full", "timeout", "client_disconnect",
                    "engine_unavailable", "aborted", "internal_error")
@@ -180,6 +182,9 @@ class ServerMetrics:
         self.active_tokens = hist("loopserve_loop_step_active_tokens",
                                   "Tokens in each (layer, loop step) call: shows the regrouping "
                                   "as tokens halt.", one_two_five(max_batched))
+        self.step_time = hist("loopserve_engine_step_seconds",
+                              "Wall time of each engine step that computed tokens, in the "
+                              "process that runs it (the engine core).", STEP_BUCKETS)
 
     # ------------------------------------------------------------------ engine side
     def on_step(self, stats: StepStats) -> None:
@@ -191,6 +196,7 @@ class ServerMetrics:
             logger.exception("could not record the engine step's metrics")
 
     def _record_step(self, stats: StepStats) -> None:
+        self.step_time.observe(stats.step_seconds)
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
         queries, hits = stats.prefix_queries, stats.prefix_hits

@@ -32,7 +32,7 @@ HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds",
               "e2e_request_latency_seconds", "request_queue_time_seconds",
               "request_prompt_tokens", "request_generation_tokens",
               "request_mean_loops_per_token", "request_compute_saved_ratio", "request_flops",
-              "loop_step_active_tokens"]
+              "loop_step_active_tokens", "engine_step_seconds"]
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,11 @@ def test_layer_counters_match_the_requests_own_loops(traffic):
         iterations.append(total)
     # every active token of every (layer, loop step) call is one loop iteration
     assert value(found, "loop_step_active_tokens_sum") == sum(iterations)
+    # one step-time observation per step that computed tokens: at least one per generated
+    # token of the longest request, at most one per computed token
+    steps = value(found, "engine_step_seconds_count")
+    assert max(u["completion_tokens"] for u in usages) <= steps <= sum(computed)
+    assert value(found, "engine_step_seconds_sum") > 0
     for layer in range(2):
         for bank in ("local", "global"):
             assert 0.0 <= value(found, "layer_memory_gate", layer=str(layer), bank=bank) <= 1.0
