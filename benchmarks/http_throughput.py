@@ -11,6 +11,11 @@ bytes per token (what crossed from the core while the level's requests ran). And
 where the CPU went while the requests ran: cores busy in the load-generating client (this
 process), the API process and the engine-core process (from /proc, Linux), against the
 machine's core count: on a small machine the three contend, which offline never does.
+Both sides also report their engine steps (from each step's `step_seconds`: offline through
+the engine's stats callback, the server through `loopserve_engine_step_seconds`): how many
+ran, their mean time, and the share of the wall time spent in them. Slower steps mean the
+processes contend for the cores; a smaller share means time lost between steps (IPC,
+the hand-off of each finished request to the next).
 
     python -m benchmarks.http_throughput                     # the bundled model, else a CPU model
     python -m benchmarks.http_throughput --model DIR --concurrency 1 8 32 64 --max-tokens 64
@@ -94,11 +99,18 @@ class Offline:
         self.params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
                                      ignore_eos=True)
         self.llm.generate(["warm-up"], self.params)
+        self.steps: list[float] = []  # step_seconds of the steps of the last run
+        self.llm.engine.stats_callback = lambda stats: self.steps.append(stats.step_seconds)
 
-    def throughput(self, texts: list[str]) -> float:
-        start = time.perf_counter()
+    def throughput(self, texts: list[str]) -> tuple[float, dict]:
+        """Tokens per second, and the engine's steps and the cores it kept busy."""
+        self.steps.clear()
+        start, cpu_start = time.perf_counter(), time.process_time()
         outputs = self.llm.generate(texts, self.params)
-        return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        seen = {"cpu": {"engine_cores": round((time.process_time() - cpu_start) / seconds, 2)},
+                "steps": step_summary(len(self.steps), sum(self.steps), seconds)}
+        return sum(len(o.token_ids) for o in outputs) / seconds, seen
 
 
 # ---------------------------------------------------------------------- the server
@@ -194,20 +206,34 @@ async def _one(http: httpx.AsyncClient, body: dict, stream: bool) -> int:
     return tokens
 
 
-async def _ipc_counts(http: httpx.AsyncClient) -> tuple[float, float] | None:
-    """Messages and bytes received from the engine core so far (None: no core process)."""
+SERVER_COUNTERS = {"messages": "loopserve_engine_core_messages_total{",
+                   "bytes": "loopserve_engine_core_bytes_total{",
+                   "steps": "loopserve_engine_step_seconds_count{",
+                   "step_seconds": "loopserve_engine_step_seconds_sum{"}
+
+
+async def _server_counters(http: httpx.AsyncClient) -> dict[str, float]:
+    """The engine core's IPC counters (absent without a core process) and its step-time
+    histogram's count and sum, so far."""
     text = (await http.get("/metrics")).text
     found = {}
     for line in text.splitlines():
-        for name in ("messages", "bytes"):
-            if line.startswith(f"loopserve_engine_core_{name}_total{{"):
+        for name, prefix in SERVER_COUNTERS.items():
+            if line.startswith(prefix):
                 found[name] = float(line.rsplit(" ", 1)[1])
-    return (found["messages"], found["bytes"]) if len(found) == 2 else None
+    return found
+
+
+def step_summary(steps: float, seconds: float, wall: float) -> dict:
+    """Engine steps run, their mean time, and the share of the wall time spent in them."""
+    return {"steps": int(steps), "mean_step_ms": round(1e3 * seconds / max(steps, 1), 3),
+            "step_share_of_wall": round(seconds / wall, 3)}
 
 
 async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
-                   meter: CpuMeter) -> tuple[float, dict | None, dict]:
-    """Tokens per second, the IPC cost and the cores busy while the requests ran."""
+                   meter: CpuMeter) -> tuple[float, dict]:
+    """Tokens per second, and what the server did meanwhile: the IPC cost, the engine's
+    steps and the cores busy while the requests ran."""
     pending = list(reversed(bodies))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -219,23 +245,25 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
                 tokens += await _one(http, pending.pop(), stream)
             return tokens
 
-        before, cpu_before = await _ipc_counts(http), meter.read()
+        before, cpu_before = await _server_counters(http), meter.read()
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
         seconds = time.perf_counter() - start
         cpu = CpuMeter.cores(cpu_before, meter.read(), seconds)
-        after = await _ipc_counts(http)
-    ipc = None
-    if before is not None and after is not None:
-        messages, size = after[0] - before[0], after[1] - before[1]
-        ipc = {"messages_per_s": round(messages / seconds, 1),
-               "messages_per_token": round(messages / max(tokens, 1), 3),
-               "bytes_per_token": round(size / max(tokens, 1), 1)}
-    return tokens / seconds, ipc, cpu
+        after = await _server_counters(http)
+    diff = {name: after[name] - before[name] for name in after if name in before}
+    seen: dict = {"cpu": cpu}
+    if "steps" in diff:
+        seen["steps"] = step_summary(diff["steps"], diff["step_seconds"], seconds)
+    if "messages" in diff:
+        seen["ipc"] = {"messages_per_s": round(diff["messages"] / seconds, 1),
+                       "messages_per_token": round(diff["messages"] / max(tokens, 1), 3),
+                       "bytes_per_token": round(diff["bytes"] / max(tokens, 1), 1)}
+    return tokens / seconds, seen
 
 
 def http_throughput(url: str, args: argparse.Namespace, texts: list[str], concurrency: int,
-                    stream: bool, meter: CpuMeter) -> tuple[float, dict | None, dict]:
+                    stream: bool, meter: CpuMeter) -> tuple[float, dict]:
     bodies = [{"prompt": t, "max_tokens": args.max_tokens, "temperature": 0.0,
                "ignore_eos": True} for t in texts]
     return asyncio.run(_clients(url, bodies, concurrency, stream, meter))
@@ -257,20 +285,17 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
     subset = texts[:count]
     offline = Offline(model_dir, args, concurrency)
     runs: dict[str, list[float]] = {"offline": [], "http": [], "stream": []}
-    ipc: dict[str, dict | None] = {}
-    cpu: dict[str, list[dict]] = {"offline": [], "http": [], "stream": []}
+    seen: dict[str, list[dict]] = {"offline": [], "http": [], "stream": []}
     for _ in range(args.repeats):
-        start = (time.perf_counter(), time.process_time())
-        runs["offline"].append(offline.throughput(subset))
-        cpu["offline"].append({"engine_cores": round((time.process_time() - start[1])
-                                                     / (time.perf_counter() - start[0]), 2)})
+        rate, round_seen = offline.throughput(subset)
+        runs["offline"].append(rate)
+        seen["offline"].append(round_seen)
         for name, stream in (("http", False), ("stream", True)):
             if stream and args.no_stream:
                 continue
-            rate, ipc[name], cores = http_throughput(url, args, subset, concurrency, stream,
-                                                     meter)
+            rate, round_seen = http_throughput(url, args, subset, concurrency, stream, meter)
             runs[name].append(rate)
-            cpu[name].append(cores)
+            seen[name].append(round_seen)
     best = {name: max(values) for name, values in runs.items() if values}
     level = {"concurrency": concurrency, "requests": count,
              "offline_tokens_per_s": round(best["offline"], 1),
@@ -280,10 +305,9 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
         level.update(http_stream_tokens_per_s=round(best["stream"], 1),
                      stream_over_offline=round(best["stream"] / best["offline"], 3))
     level["runs_tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items() if vs}
-    if any(ipc.values()):
-        level["ipc_last_round"] = ipc
-    level["cpu_cores_best_round"] = {  # of the round whose throughput is reported
-        name: cpu[name][values.index(best[name])] for name, values in runs.items() if values}
+    # of the round whose throughput is reported: cores busy, engine steps, IPC cost
+    level["best_round"] = {name: seen[name][values.index(best[name])]
+                           for name, values in runs.items() if values}
     print(json.dumps(level), file=sys.stderr)
     return level
 

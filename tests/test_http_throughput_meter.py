@@ -33,3 +33,24 @@ def test_a_busy_child_is_found_and_its_cores_counted():
     finally:
         parent.wait(10)
     assert cpu_seconds(os.getpid()) > 0 and cpu_seconds(parent.pid) is None
+
+
+def test_one_level_reports_the_steps_each_side_ran(tmp_path):
+    """A whole run at one small level: offline and the server ran the same requests, and the
+    JSON says how many engine steps each took, their mean time and the IPC cost."""
+    from benchmarks.http_throughput import main
+    from tests.server_helpers import make_checkpoint
+
+    result = main(["--model", str(make_checkpoint(tmp_path)), "--concurrency", "2",
+                   "--requests", "4", "--requests-per-client", "2", "--max-tokens", "4",
+                   "--repeats", "1"])
+    (level,) = result["levels"]
+    best = level["best_round"]
+    assert set(best) == {"offline", "http", "stream"}
+    for name in ("offline", "http", "stream"):
+        steps = best[name]["steps"]
+        # 4 requests of 4 tokens, at most 2 at a time: 8 to 16 steps that computed tokens
+        assert 8 <= steps["steps"] <= 16 and steps["mean_step_ms"] > 0
+        assert 0 < steps["step_share_of_wall"] <= 1
+    assert best["http"]["ipc"]["messages_per_token"] > 0
+    assert best["http"]["cpu"]["core_cores"] > 0
