@@ -5,6 +5,7 @@ Also the cost model's choices and the host syncs of a masked decode step."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -96,6 +97,44 @@ def test_the_cost_model_compacts_only_when_it_pays():
     gpu = FormPolicy(num_layers=1, max_loops=3, cost_model=flat)
     gpu.survival = [[1.0, 0.1, 0.1]]
     assert gpu.form(0, 2, 256) == MASKED
+
+
+def test_a_step_that_is_often_empty_is_compacted_even_at_batch_one():
+    # a fixed 1 ms per step whatever its rows (a small batch): a fractional active count
+    # would price the compacted form at nearly the whole step; an empty step costs nothing
+    costs = CostModel(rows=[1, 64], seconds=[0.001, 0.001], compaction_seconds=[1e-4, 1e-4])
+    policy = FormPolicy(num_layers=1, max_loops=3, cost_model=costs)
+    policy.survival = [[1.0, 0.3, 0.3]]
+    assert policy.form(0, 2, 1) == MASKED  # no empty step seen: 0.3 rows cost the full 1 ms
+    for _ in range(20):  # twenty steps in a row had nobody left at step 2
+        policy.observe([[1, 0, 0]], total=1)
+    assert policy.empty[0][1] > 0.8 and policy.empty[0][0] == 0.0
+    assert policy.form(0, 2, 1) == COMPACTED
+    # the masked form's own merge ops count against it
+    merging = CostModel(rows=[1, 64], seconds=[0.001, 0.064], compaction_seconds=[0.003, 0.003],
+                        merge_seconds=[0.002, 0.002])
+    policy = FormPolicy(num_layers=1, max_loops=3, cost_model=merging)
+    policy.survival = [[1.0, 0.97, 0.97]]
+    assert policy.form(0, 2, 64) == COMPACTED  # 1.9 rows (1.9 ms) saved + 2 ms of merges > 3 ms
+    policy.cost_model = dataclasses.replace(merging, merge_seconds=None)
+    assert policy.form(0, 2, 64) == MASKED  # without the merges, 1.9 ms saved < 3 ms
+    assert merging.merge(32) == 0.002 and costs.merge(32) == 0.0
+
+
+def test_calibration_times_every_term_of_the_cost_model(model):
+    from engine.form_policy import calibrate
+
+    costs = calibrate(model, max_rows=8)
+    assert costs.rows == [1, 4, 8]
+    for terms in (costs.seconds, costs.compaction_seconds, costs.merge_seconds):
+        assert len(terms) == 3 and all(t > 0 for t in terms)
+    assert costs.seconds == sorted(costs.seconds)  # fewer rows never cost more
+
+
+def test_calibration_noise_never_makes_fewer_rows_dearer():
+    from engine.form_policy import _monotone
+
+    assert _monotone([3.0, 2.0, 2.5, 4.0, 3.5]) == [2.0, 2.0, 2.5, 3.5, 3.5]
 
 
 def test_survival_is_learned_from_the_steps_seen(model):
