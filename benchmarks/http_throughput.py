@@ -206,15 +206,16 @@ async def _one(http: httpx.AsyncClient, body: dict, stream: bool) -> int:
     return tokens
 
 
-SERVER_COUNTERS = {"messages": "loopserve_engine_core_messages_total{",
+SERVER_COUNTERS = {"tokens": "loopserve_generation_tokens_total{",
+                   "messages": "loopserve_engine_core_messages_total{",
                    "bytes": "loopserve_engine_core_bytes_total{",
                    "steps": "loopserve_engine_step_seconds_count{",
                    "step_seconds": "loopserve_engine_step_seconds_sum{"}
 
 
 async def _server_counters(http: httpx.AsyncClient) -> dict[str, float]:
-    """The engine core's IPC counters (absent without a core process) and its step-time
-    histogram's count and sum, so far."""
+    """Tokens generated, the engine core's IPC counters (absent without a core process) and
+    its step-time histogram's count and sum, so far."""
     text = (await http.get("/metrics")).text
     found = {}
     for line in text.splitlines():
@@ -232,10 +233,17 @@ def step_summary(steps: float, seconds: float, wall: float) -> dict:
 
 async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
                    meter: CpuMeter) -> tuple[float, dict]:
-    """Tokens per second, and what the server did meanwhile: the IPC cost, the engine's
-    steps and the cores busy while the requests ran."""
+    """Tokens per second over the whole run, and what the server did meanwhile: the IPC
+    cost, the engine's steps, the cores busy, and the steady window.
+
+    The window runs from the start until the first client finds no request left: until
+    then all `concurrency` clients keep one request in flight each. After it the run drains
+    (fewer and fewer clients, smaller and smaller batches), which offline, whose requests
+    are all queued at once, never does; the window's rate (from the server's token
+    counter) is what a server under steady load at this concurrency delivers."""
     pending = list(reversed(bodies))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    window: dict = {}
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         await _one(http, bodies[0], stream)  # warm-up (connection, first-request paths)
 
@@ -243,6 +251,9 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
             tokens = 0
             while pending:
                 tokens += await _one(http, pending.pop(), stream)
+            if not window:  # the first client out of work: the steady window ends
+                window["at"] = time.perf_counter()  # before the await: only one sets it
+                window["counters"] = await _server_counters(http)
             return tokens
 
         before, cpu_before = await _server_counters(http), meter.read()
@@ -251,15 +262,30 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
         seconds = time.perf_counter() - start
         cpu = CpuMeter.cores(cpu_before, meter.read(), seconds)
         after = await _server_counters(http)
+    seen: dict = {"cpu": cpu, **_server_side(before, after, seconds, tokens)}
+    steady = _server_side(before, window["counters"], window["at"] - start, tokens)
+    if "tokens" in steady:
+        seen["steady_window"] = {
+            "seconds": round(window["at"] - start, 3),
+            "tokens_per_s": round(steady.pop("tokens") / (window["at"] - start), 1),
+            **{k: v for k, v in steady.items() if k == "steps"}}
+    seen.pop("tokens", None)
+    return tokens / seconds, seen
+
+
+def _server_side(before: dict, after: dict, seconds: float, tokens: int) -> dict:
+    """The counters' differences over `seconds`: tokens, steps and the IPC cost."""
     diff = {name: after[name] - before[name] for name in after if name in before}
-    seen: dict = {"cpu": cpu}
+    seen: dict = {}
+    if "tokens" in diff:
+        seen["tokens"] = diff["tokens"]
     if "steps" in diff:
         seen["steps"] = step_summary(diff["steps"], diff["step_seconds"], seconds)
     if "messages" in diff:
         seen["ipc"] = {"messages_per_s": round(diff["messages"] / seconds, 1),
                        "messages_per_token": round(diff["messages"] / max(tokens, 1), 3),
                        "bytes_per_token": round(diff["bytes"] / max(tokens, 1), 1)}
-    return tokens / seconds, seen
+    return seen
 
 
 def http_throughput(url: str, args: argparse.Namespace, texts: list[str], concurrency: int,
@@ -304,6 +330,10 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
     if "stream" in best:
         level.update(http_stream_tokens_per_s=round(best["stream"], 1),
                      stream_over_offline=round(best["stream"] / best["offline"], 3))
+    for name in ("http", "stream"):  # the steady window's rate, best round
+        rates = [r["steady_window"]["tokens_per_s"] for r in seen[name] if "steady_window" in r]
+        if rates:
+            level[f"{name}_steady_over_offline"] = round(max(rates) / best["offline"], 3)
     level["runs_tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items() if vs}
     # of the round whose throughput is reported: cores busy, engine steps, IPC cost
     level["best_round"] = {name: seen[name][values.index(best[name])]

@@ -54,3 +54,8 @@ def test_one_level_reports_the_steps_each_side_ran(tmp_path):
         assert 0 < steps["step_share_of_wall"] <= 1
     assert best["http"]["ipc"]["messages_per_token"] > 0
     assert best["http"]["cpu"]["core_cores"] > 0
+    for name in ("http", "stream"):  # the window while both clients had work
+        steady = best[name]["steady_window"]
+        assert steady["tokens_per_s"] > 0 and 0 < steady["seconds"]
+        assert steady["steps"]["steps"] <= best[name]["steps"]["steps"]
+        assert level[f"{name}_steady_over_offline"] > 0
