@@ -31,6 +31,7 @@ from engine.loop_step import (
     StepTokens,
     compacted_step,
     fill_later_planes,
+    first_masked_step,
     halt_thresholds,
     masked_step,
 )
@@ -159,8 +160,8 @@ class ModelRunner:
         h = self.model.embed(inputs.token_ids)
         depths, gate_means = [], []
         for index, block in enumerate(self.blocks):
-            layer = LayerState.start(h)
-            for step in range(1, self.config.max_loops + 1):
+            layer = first_masked_step(block, self.kv_caches[index], tokens, h)
+            for step in range(2, self.config.max_loops + 1):
                 masked_step(block, self.kv_caches[index], tokens, layer, step)
             h = layer.mixture.to(h.dtype)
             depths.append(layer.depth)
@@ -230,9 +231,12 @@ class ModelRunner:
     def _run_layer(self, index: int, block: ServingBlock, h: torch.Tensor,
                    tokens: StepTokens, num_steps: int) -> LayerState:
         cache = self.kv_caches[index]
-        layer = LayerState.start(h)
         total = h.shape[0]
-        for step in range(1, num_steps + 1):
+        if self.policy.form(index, 1, total) == COMPACTED:  # only where the form is forced
+            layer, first = LayerState.start(h), 1
+        else:
+            layer, first = first_masked_step(block, cache, tokens, h), 2
+        for step in range(first, num_steps + 1):
             if self.policy.form(index, step, total) == COMPACTED:
                 if compacted_step(block, cache, tokens, layer, step) == 0:
                     fill_later_planes(cache, tokens, layer, step, self.config.max_loops)

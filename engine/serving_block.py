@@ -113,9 +113,10 @@ class ServingBlock:
         gate = torch.sigmoid(F.linear(h, self.gate_weight, self.gate_bias))  # [T, banks]
         query = F.rms_norm(normed, (h.shape[-1],), None, self.eps)
         scores = query @ self.keys_t  # [T, S]
-        probs = [p.softmax(dim=-1) * gate[:, b:b + 1]
-                 for b, p in enumerate(scores.split(self.slots, dim=-1))]
-        weights = torch.cat(probs, dim=-1) if len(probs) > 1 else probs[0]  # [T, S]
+        weights = torch.empty_like(scores)  # [T, S]: each bank's gated softmax, in place
+        for b, (p, w) in enumerate(zip(scores.split(self.slots, dim=-1),
+                                       weights.split(self.slots, dim=-1), strict=True)):
+            torch.mul(p.softmax(dim=-1), gate[:, b:b + 1], out=w)  # no concatenation
         gates = gate if len(self.bank_columns) == 2 else (
             gate.new_zeros(h.shape[0], 2, dtype=torch.float32).index_copy_(
                 1, self.bank_index, gate.float()))
