@@ -56,6 +56,7 @@ from engine.core_messages import (
 )
 from engine.engine_config import EngineConfig
 from engine.errors import InvalidRequestError
+from engine.gc_freeze import freeze_startup_heap
 from engine.llm_engine import LLMEngine, StepStats
 from engine.request import RequestOutput
 
@@ -77,6 +78,8 @@ def run_core(conn: Connection, model_dir: str | None, config: EngineConfig,
     except BaseException as exc:  # noqa: BLE001 - every load error goes to the API process
         conn.send_bytes(encode(CoreFailed(_picklable(exc))))
         return
+    frozen = freeze_startup_heap()
+    logger.debug("%d start-up objects frozen out of the garbage collector's scans", frozen)
     conn.send_bytes(encode(CoreReady(os.getpid(), llm.processor, llm.config,
                                      llm.max_model_len)))
     EngineCore(llm, conn).run()

@@ -23,6 +23,7 @@ import uvicorn
 
 from engine.engine_config import MODES, EngineConfig
 from engine.errors import CheckpointError, ConfigError, EngineDeadError
+from engine.gc_freeze import freeze_startup_heap
 from server.app import build_engine, create_app
 from server.settings import ServerSettings
 
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     app = create_app(engine, settings, name)
+    freeze_startup_heap()  # no 160 ms full-heap collections with the event loop stopped
     uv_config = uvicorn.Config(app, host=settings.host, port=settings.port,
                                log_level=settings.log_level, access_log=False,
                                timeout_graceful_shutdown=GRACE_SECONDS)

@@ -55,6 +55,13 @@ def block_loop(llm: LLMEngine, seconds: float) -> None:
     time.sleep(seconds)
 
 
+def frozen_objects(llm: LLMEngine) -> int:
+    """How many objects the core froze out of the garbage collector's scans."""
+    import gc
+
+    return gc.get_freeze_count()
+
+
 def num_steps(llm: LLMEngine) -> int:
     return llm.num_steps
 

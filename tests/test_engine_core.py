@@ -278,3 +278,23 @@ def test_the_core_step_statistics_and_ipc_cost_reach_the_api_registry(checkpoint
         size = sample("loopserve_engine_core_bytes_total", labels)
         assert messages >= 8 and size > messages * 50  # a batch per step, and heartbeats
         assert messages <= server.state.engine.ipc_counts()[0]  # read live at scrape time
+
+
+def test_the_core_freezes_its_start_up_heap_and_still_collects_new_garbage(checkpoint):
+    """The model, torch and the tokenizer are never scanned again by a full collection;
+    what serving allocates is still collected."""
+    import gc
+
+    from engine.gc_freeze import freeze_startup_heap
+
+    with LiveServer(checkpoint) as server:
+        assert server.in_core("frozen_objects") > 10_000
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 0
+        cycle: list = []
+        cycle.append(cycle)  # garbage made after the freeze: a cycle only gc can free
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
