@@ -33,6 +33,7 @@ from engine.errors import (
 from engine.input_processor import InputProcessor, PreparedRequest
 from engine.llm_engine import LLMEngine, StepStats
 from engine.request import RequestOutput
+from engine.request_streams import RequestStreams
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("loopserve.engine")
@@ -63,12 +64,6 @@ class Health:
 Command = AddRequest | AbortRequest  # the engine-core process's messages, here on a queue
 
 
-@dataclasses.dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queue: int = 256, stall_timeout: float = 60.0
                  ) -> None:
@@ -77,7 +72,7 @@ class AsyncEngine:
         self.stall_timeout = stall_timeout
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._streams = RequestStreams()
         self._pending_adds = 0
         self._lock = threading.Lock()
         self._stop = False
@@ -115,7 +110,7 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        left = list(self._streams)
+        left = self._streams.ids()
         for request_id in left:
             self.abort(request_id)
         return len(left)
@@ -180,19 +175,16 @@ class AsyncEngine:
     async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
         """Deltas of one request; the last has `finished=True`. Leaving early aborts it."""
         self._admit(request)
-        stream = self._streams[request.request_id]
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request.request_id, None)
+        request_id = request.request_id
+
+        def on_close(finished: bool) -> None:
+            self._streams.close(request_id)
             if not finished:
-                self.abort(request.request_id)
+                self.abort(request_id)
+
+        async with contextlib.aclosing(self._streams.deltas(request_id, on_close)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def _admit(self, request: PreparedRequest) -> None:
         """Errors surface here, before any streaming starts."""
@@ -204,11 +196,7 @@ class AsyncEngine:
         with self._lock:
             if self.num_waiting >= self.max_queue:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
-            if request.request_id in self._streams:
-                raise InvalidRequestError(
-                    f"request id {request.request_id!r} is already in flight")
-            self._streams[request.request_id] = _Stream(asyncio.get_running_loop(),
-                                                        asyncio.Queue())
+            self._streams.open(request.request_id)
             self._pending_adds += 1
         self._commands.put(AddRequest(request))
         self._wake.set()
@@ -263,29 +251,11 @@ class AsyncEngine:
                 self._pending_adds -= 1
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the caller's event loop may be closed
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        self._streams.deliver(request_id, item)
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
-        """One hand-off per event loop per step, not one wake-up per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the caller's event loop may be closed
-                loop.call_soon_threadsafe(_put_all, items)
+        self._streams.deliver_all(outputs)
 
     def _fail_all(self) -> None:
         reason = f"engine loop died: {self._error!r}" if self._error else "engine shut down"
-        for request_id in list(self._streams):
-            self._deliver(request_id, EngineDeadError(reason))
-
-
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for target, output in items:
-        target.put_nowait(output)
+        self._streams.fail_all(EngineDeadError(reason))

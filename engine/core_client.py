@@ -36,7 +36,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from engine.async_engine import Health, HealthState, _put_all, _Stream
+from engine.async_engine import Health, HealthState
 from engine.core_messages import (
     AbortRequest,
     AddRequest,
@@ -62,12 +62,12 @@ from engine.engine_config import EngineConfig
 from engine.errors import (
     EngineDeadError,
     EngineDrainingError,
-    InvalidRequestError,
     QueueFullError,
 )
 from engine.input_processor import InputProcessor, PreparedRequest
 from engine.llm_engine import StepStats
 from engine.request import RequestOutput
+from engine.request_streams import RequestStreams
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("loopserve.engine")
@@ -84,7 +84,7 @@ class EngineCoreClient:
         self.core_timeout = core_timeout
         self.step_timeout = step_timeout
         self.stats_callback: Callable[[StepStats], None] | None = None
-        self._streams: dict[str, _Stream] = {}
+        self._streams = RequestStreams()
         self._texts: dict[str, RequestDetokenizer] = {}  # of the requests in flight
         self._lock = threading.Lock()
         self._accepting = True
@@ -180,7 +180,7 @@ class EngineCoreClient:
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        left = list(self._streams)
+        left = self._streams.ids()
         for request_id in left:
             self.abort(request_id)
         return len(left)
@@ -245,23 +245,20 @@ class EngineCoreClient:
     async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
         """Deltas of one request; the last has `finished=True`. Leaving early aborts it."""
         self._admit(request)
-        stream = self._streams[request.request_id]
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
+        request_id = request.request_id
+
+        def on_close(finished: bool) -> None:
             with self._lock:
-                self._streams.pop(request.request_id, None)
-                self._texts.pop(request.request_id, None)
+                self._streams.close(request_id)
+                self._texts.pop(request_id, None)
                 if not self._streams:
                     self._busy_since = None
             if not finished:
-                self.abort(request.request_id)
+                self.abort(request_id)
+
+        async with contextlib.aclosing(self._streams.deltas(request_id, on_close)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def _admit(self, request: PreparedRequest) -> None:
         """Errors surface here, before any streaming starts; a dead core wins over a drain."""
@@ -273,15 +270,11 @@ class EngineCoreClient:
         with self._lock:
             if self.num_waiting >= self.max_queue:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
-            if request.request_id in self._streams:
-                raise InvalidRequestError(
-                    f"request id {request.request_id!r} is already in flight")
             if not self._streams:
                 self._busy_since = time.monotonic()
+            self._streams.open(request.request_id)
             self._texts[request.request_id] = RequestDetokenizer(
                 self.processor.tokenizer, request.params, list(request.prompt_token_ids))
-            self._streams[request.request_id] = _Stream(asyncio.get_running_loop(),
-                                                        asyncio.Queue())
             self._adds_sent += 1
         self._outbox.put(AddRequest(request))
 
@@ -370,8 +363,7 @@ class EngineCoreClient:
         for future in self._hooks.values():
             if not future.done():
                 future.set_exception(EngineDeadError(reason))
-        for request_id in list(self._streams):
-            self._deliver(request_id, EngineDeadError(reason))
+        self._streams.fail_all(EngineDeadError(reason))
 
     def _dispatch(self, message: FromCore) -> None:
         if isinstance(message, OutputBatch):
@@ -406,25 +398,18 @@ class EngineCoreClient:
             future.set_result(result.value)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the caller's event loop may be closed
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        self._streams.deliver(request_id, item)
 
     def _deliver_all(self, outputs: tuple[RequestOutput, ...]) -> None:
-        """One hand-off per event loop per batch, not one wake-up per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        """Text and stop strings first (a stop string aborts the request in the core)."""
+        ready = []
         for output in outputs:
-            stream = self._streams.get(output.request_id)
             texts = self._texts.get(output.request_id)
-            if stream is None or texts is None:
+            if texts is None:
                 continue
             was_stopped = texts.stopped_here
             output = texts.process(output)
             if texts.stopped_here and not was_stopped and not output.finished:
                 self.abort(output.request_id)  # a stop string ended it: free its blocks
-            by_loop.setdefault(stream.loop, []).append((stream.queue, output))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_put_all, items)
+            ready.append(output)
+        self._streams.deliver_all(ready)

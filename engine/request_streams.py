@@ -1,0 +1,95 @@
+"""`RequestStreams`: the asyncio side of the requests in flight, shared by both engines.
+
+Each request's deltas are produced on an engine thread (the thread engine's loop, or the
+reader of an engine-core process) and consumed on the event loop that asked for them.
+`RequestStreams` keeps one asyncio queue per request, hands a step's outputs over in one
+`call_soon_threadsafe` per event loop, and yields a request's deltas until its final one;
+an item that is an exception is raised in the consumer instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterable
+
+from engine.errors import InvalidRequestError
+from engine.request import RequestOutput
+
+Item = RequestOutput | BaseException
+
+
+@dataclasses.dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class RequestStreams:
+    """Not locked: the owner holds its own lock around `open` and `close`."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, _Stream] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    def ids(self) -> list[str]:
+        return list(self._streams)
+
+    def open(self, request_id: str) -> None:
+        """A queue for the request on the running event loop."""
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+
+    def close(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def deltas(self, request_id: str, on_close: Callable[[bool], None]
+                     ) -> AsyncIterator[RequestOutput]:
+        """The request's deltas up to the final one. `on_close(finished)` runs however the
+        consumer leaves (after the final delta, on an error, or early)."""
+        stream = self._streams[request_id]
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            on_close(finished)
+
+    # ------------------------------------------------------------ from the engine's thread
+    def deliver(self, request_id: str, item: Item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the consumer's event loop may be closed
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def deliver_all(self, outputs: Iterable[RequestOutput]) -> None:
+        """One hand-off per event loop, not one wake-up per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Item]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
+
+    def fail_all(self, error: BaseException) -> None:
+        for request_id in self.ids():
+            self.deliver(request_id, error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Item]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)
