@@ -192,8 +192,15 @@ def test_prefix_cache_hit_still_yields_prompt_logprobs(http):
     again = http.post(C, json=plain).json()
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     first, second = echo(http, prompt), echo(http, prompt)
-    assert first["choices"][0]["logprobs"] == second["choices"][0]["logprobs"]
-    assert None not in first["choices"][0]["logprobs"]["token_logprobs"][1:]
+    a, b = first["choices"][0]["logprobs"], second["choices"][0]["logprobs"]
+    assert None not in a["token_logprobs"][1:]
+    # the same tokens and candidates; values equal up to float rounding (the form policy
+    # learns from every step, so the second request may run a (layer, step) in the other
+    # exact form: a different row count in the same matmuls)
+    assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+    assert a["token_logprobs"][1:] == pytest.approx(b["token_logprobs"][1:], abs=1e-5)
+    for x, y in zip(a["top_logprobs"][1:], b["top_logprobs"][1:], strict=True):
+        assert x == pytest.approx(y, abs=1e-5)
 
 
 def test_the_openai_sdk_reads_echoed_logprobs(server):
