@@ -51,6 +51,20 @@ def reference_logprobs(model, ids: list[int], halt_threshold: float | None) -> l
     return [logprobs[j - 1, ids[j]].item() for j in range(1, len(ids))]
 
 
+def same_up_to_rounding(a, b, tol: float = 1e-5) -> bool:
+    """Equal structures, floats within `tol`: two requests may run a (layer, step) in
+    different exact forms (the form policy learns from every step), which changes float
+    rounding only (a different row count through the same matmuls)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_up_to_rounding(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_up_to_rounding(x, y, tol)
+                                        for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    return a == b
+
+
 def echo(http, prompt, **extra) -> dict:
     body = {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 0, **extra}
     response = http.post(C, json=body)
@@ -132,7 +146,7 @@ def test_token_id_prompts_and_lists_of_prompts(http):
     assert first["token_logprobs"][2] != third["token_logprobs"][1]
     assert result["choices"][1]["logprobs"] == first  # the choices share their prompt's
     strings = echo(http, ["hi", "hi!"])
-    assert strings["choices"][0]["logprobs"] == first
+    assert same_up_to_rounding(strings["choices"][0]["logprobs"], first)
     assert result["usage"]["prompt_tokens"] == 6 and result["usage"]["completion_tokens"] == 0
 
 
@@ -149,7 +163,7 @@ def test_streamed_echo_carries_the_same_logprobs(http):
                 into["lp"].setdefault(key, []).extend(values)
     for choice in whole["choices"]:
         assert merged[choice["index"]]["text"] == choice["text"]
-        assert merged[choice["index"]]["lp"] == choice["logprobs"]
+        assert same_up_to_rounding(merged[choice["index"]]["lp"], choice["logprobs"])
 
 
 def test_vllm_prompt_logprobs_on_completions(http):
@@ -181,7 +195,7 @@ def test_vllm_prompt_logprobs_on_chat(http, server):
     assert all(list(e) == [str(t)] for e, t in zip(whole["prompt_logprobs"][1:], ids[1:],
                                                    strict=True))
     chunks = stream_json(http, CHAT, body)
-    assert chunks[0]["prompt_logprobs"] == whole["prompt_logprobs"]
+    assert same_up_to_rounding(chunks[0]["prompt_logprobs"], whole["prompt_logprobs"])
     assert all("prompt_logprobs" not in c for c in chunks[1:])
 
 
@@ -194,13 +208,9 @@ def test_prefix_cache_hit_still_yields_prompt_logprobs(http):
     first, second = echo(http, prompt), echo(http, prompt)
     a, b = first["choices"][0]["logprobs"], second["choices"][0]["logprobs"]
     assert None not in a["token_logprobs"][1:]
-    # the same tokens and candidates; values equal up to float rounding (the form policy
-    # learns from every step, so the second request may run a (layer, step) in the other
-    # exact form: a different row count in the same matmuls)
-    assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
-    assert a["token_logprobs"][1:] == pytest.approx(b["token_logprobs"][1:], abs=1e-5)
-    for x, y in zip(a["top_logprobs"][1:], b["top_logprobs"][1:], strict=True):
-        assert x == pytest.approx(y, abs=1e-5)
+    assert same_up_to_rounding(a, b)
+    assert not same_up_to_rounding(a, {**b, "token_logprobs": [None] + [
+        x + 1e-3 for x in b["token_logprobs"][1:]]})  # the comparison can fail
 
 
 def test_the_openai_sdk_reads_echoed_logprobs(server):
