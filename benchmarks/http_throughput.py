@@ -107,10 +107,12 @@ class Offline:
         self.steps.clear()
         start, cpu_start = time.perf_counter(), time.process_time()
         outputs = self.llm.generate(texts, self.params)
-        seconds = time.perf_counter() - start
-        seen = {"cpu": {"engine_cores": round((time.process_time() - cpu_start) / seconds, 2)},
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        tokens = sum(len(o.token_ids) for o in outputs)
+        seen = {"cpu": {"engine_cores": round(cpu / seconds, 2),
+                        "engine_cpu_us_per_token": round(1e6 * cpu / max(tokens, 1), 1)},
                 "steps": step_summary(len(self.steps), sum(self.steps), seconds)}
-        return sum(len(o.token_ids) for o in outputs) / seconds, seen
+        return tokens / seconds, seen
 
 
 # ---------------------------------------------------------------------- the server
@@ -154,6 +156,14 @@ class CpuMeter:
     def read(self) -> dict[str, float | None]:
         return {"client": time.process_time(),
                 **{name: cpu_seconds(pid) for name, pid in self.pids.items()}}
+
+    @staticmethod
+    def cpu_per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
+        """CPU microseconds each process spent per generated token: steadier than a
+        throughput ratio on a noisy machine, and what a change to the HTTP path moves."""
+        return {f"{name}_cpu_us_per_token": round(1e6 * (after[name] - before[name])
+                                                  / max(tokens, 1), 1)
+                for name in before if before[name] is not None and after.get(name) is not None}
 
     @staticmethod
     def cores(before: dict, after: dict, seconds: float) -> dict[str, float]:
@@ -260,7 +270,9 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
         seconds = time.perf_counter() - start
-        cpu = CpuMeter.cores(cpu_before, meter.read(), seconds)
+        cpu_after = meter.read()
+        cpu = {**CpuMeter.cores(cpu_before, cpu_after, seconds),
+               **CpuMeter.cpu_per_token(cpu_before, cpu_after, tokens)}
         after = await _server_counters(http)
     seen: dict = {"cpu": cpu, **_server_side(before, after, seconds, tokens)}
     steady = _server_side(before, window["counters"], window["at"] - start, tokens)
