@@ -10,7 +10,6 @@ disconnect) aborts its request, which frees its KV blocks. `health()` is a typed
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import enum
@@ -107,13 +106,7 @@ class AsyncEngine:
         """Stop accepting requests, let those in flight finish for up to `timeout` seconds,
         then abort the rest. Returns how many had to be aborted."""
         self._accepting = False
-        deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        left = self._streams.ids()
-        for request_id in left:
-            self.abort(request_id)
-        return len(left)
+        return await self._streams.wait_or_abort(timeout, self.abort)
 
     @property
     def processor(self) -> InputProcessor:

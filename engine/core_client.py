@@ -21,7 +21,6 @@ is logged, a live core is killed, every request in flight ends with `EngineDeadE
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -177,13 +176,7 @@ class EngineCoreClient:
         """Stop accepting requests, let those in flight finish for up to `timeout` seconds,
         then abort the rest (through the core). Returns how many had to be aborted."""
         self._accepting = False
-        deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        left = self._streams.ids()
-        for request_id in left:
-            self.abort(request_id)
-        return len(left)
+        return await self._streams.wait_or_abort(timeout, self.abort)
 
     @property
     def accepting(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from engine.errors import InvalidRequestError
@@ -84,6 +85,17 @@ class RequestStreams:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
+
+    async def wait_or_abort(self, timeout: float, abort: Callable[[str], None]) -> int:
+        """Let the requests in flight finish for up to `timeout` seconds, then `abort` the
+        rest (a drain). Returns how many had to be aborted."""
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.ids()
+        for request_id in left:
+            abort(request_id)
+        return len(left)
 
     def fail_all(self, error: BaseException) -> None:
         for request_id in self.ids():
