@@ -298,3 +298,34 @@ def test_the_core_freezes_its_start_up_heap_and_still_collects_new_garbage(check
         assert gc.collect() >= 1
     finally:
         gc.unfreeze()
+
+
+def test_the_core_sender_writes_in_order_and_a_gone_api_process_stops_the_loop():
+    """The sender thread writes what the loop and the heartbeat queue, in order; once the
+    pipe is broken, the next send raises and the loop is told to stop."""
+    import multiprocessing
+
+    from engine.core_messages import CoreAlive, decode
+    from engine.core_process import EngineCore
+    from engine.llm_engine import LLMEngine
+    from model.tokenizer import load_tokenizer
+    from tests.helpers import make_model
+    from tests.server_helpers import engine_config
+
+    model = make_model()
+    llm = LLMEngine(model, load_tokenizer(None, model.config), engine_config())
+    api, core_end = multiprocessing.Pipe()
+    core = EngineCore(llm, core_end)
+    core._sender.start()
+    for i in range(5):
+        core._send(CoreAlive(float(i)))
+    assert [decode(api.recv_bytes()).loop_busy_s for _ in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    api.close()  # the API process is gone
+    deadline = time.monotonic() + 5
+    with pytest.raises(OSError):
+        while time.monotonic() < deadline:
+            core._send(CoreAlive(0.0))
+            time.sleep(0.01)
+    assert core.stop
+    core._flush()  # returns at once: the sender has stopped
+    assert not core._sender.is_alive()
