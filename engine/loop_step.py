@@ -85,14 +85,21 @@ def _halting(block: ServingBlock, h: torch.Tensor, remaining: torch.Tensor,
     return torch.addcmul(p, left, halted), left.masked_fill(halted, 0.0), halted
 
 
+def _project(block: ServingBlock, tokens: StepTokens, state: torch.Tensor
+             ) -> tuple[torch.Tensor, ...]:
+    """Every row's memory read and projections: x [T, D], gates [T, 2], q [T, H, hd] and
+    this step's k/v [T, 2, Hkv, hd] (the masked forms' common start)."""
+    x, gates = block.read_memory(state)
+    q, k, v = block.project_qkv(x, tokens.rope)
+    return x, gates, q, torch.stack((k, v), dim=1)
+
+
 def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
                 layer: LayerState, step: int) -> None:
     """Every row through (layer, step); halted rows keep what they have (their R is 0, so
     they add nothing to the mixture)."""
     active = layer.active
-    x, gates = block.read_memory(layer.state)
-    q, k, v = block.project_qkv(x, tokens.rope)
-    kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, hd]
+    x, gates, q, kv = _project(block, tokens, layer.state)
     if layer.kv_last is not None:
         kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
     _write_plane(cache, tokens, step - 1, kv)
@@ -113,9 +120,7 @@ def first_masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepToke
     state is made from the step's results instead of being started from zeros and ones
     and merged into: the same values bit for bit (0 + a = a, 1 * a = a), and 7 kernels
     fewer per layer (no fills, no merges, no `lam * 1`)."""
-    x, gates = block.read_memory(h)
-    q, k, v = block.project_qkv(x, tokens.rope)
-    kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, hd]
+    x, gates, q, kv = _project(block, tokens, h)
     _write_plane(cache, tokens, 0, kv)
     h1 = block.finish_step(x, tokens.plan.attend(cache, 0, None, q), 1)
     halt_below = tokens.halt_below[0]

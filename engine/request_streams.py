@@ -28,7 +28,8 @@ class _Stream:
 
 
 class RequestStreams:
-    """Not locked: the owner holds its own lock around `open` and `close`."""
+    """Not locked itself (each dict operation is atomic under the GIL): an owner that must
+    check and open under one lock, with its own counts, holds its lock around `open`."""
 
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
