@@ -10,7 +10,9 @@ With an engine-core process, each HTTP level also reports the IPC cost from the 
 bytes per token (what crossed from the core while the level's requests ran). And it reports
 where the CPU went while the requests ran: cores busy in the load-generating client (this
 process), the API process and the engine-core process (from /proc, Linux), against the
-machine's core count: on a small machine the three contend, which offline never does.
+machine's core count: on a small machine the three contend, which offline never does. The
+load generator is aiohttp (as vLLM's serving benchmark): its C parser keeps the client's share
+of a small machine's cores small (httpx cost about twice the CPU per token here).
 Both sides also report their engine steps (from each step's `step_seconds`: offline through
 the engine's stats callback, the server through `loopserve_engine_step_seconds`): how many
 ran, their mean time, and the share of the wall time spent in them. Slower steps mean the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -38,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import torch
 
@@ -200,18 +204,18 @@ def _healthy(url: str) -> bool:
         return False
 
 
-async def _one(http: httpx.AsyncClient, body: dict, stream: bool) -> int:
+async def _one(http: aiohttp.ClientSession, body: dict, stream: bool) -> int:
     """Completion tokens of one request (from usage: the final chunk when streaming)."""
     if not stream:
-        response = await http.post("/v1/completions", json=body)
-        response.raise_for_status()
-        return response.json()["usage"]["completion_tokens"]
+        async with http.post("/v1/completions", json=body) as response:
+            response.raise_for_status()
+            return (await response.json())["usage"]["completion_tokens"]
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     tokens = 0
-    async with http.stream("POST", "/v1/completions", json=body) as response:
+    async with http.post("/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"usage":{' in line:
+        async for line in response.content:
+            if line.startswith(b"data: {") and b'"usage":{' in line:
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return tokens
 
@@ -223,10 +227,11 @@ SERVER_COUNTERS = {"tokens": "loopserve_generation_tokens_total{",
                    "step_seconds": "loopserve_engine_step_seconds_sum{"}
 
 
-async def _server_counters(http: httpx.AsyncClient) -> dict[str, float]:
+async def _server_counters(http: aiohttp.ClientSession) -> dict[str, float]:
     """Tokens generated, the engine core's IPC counters (absent without a core process) and
     its step-time histogram's count and sum, so far."""
-    text = (await http.get("/metrics")).text
+    async with http.get("/metrics") as response:
+        text = await response.text()
     found = {}
     for line in text.splitlines():
         for name, prefix in SERVER_COUNTERS.items():
@@ -252,9 +257,10 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
     are all queued at once, never does; the window's rate (from the server's token
     counter) is what a server under steady load at this concurrency delivers."""
     pending = list(reversed(bodies))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     window: dict = {}
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    connector = aiohttp.TCPConnector(limit=concurrency + 1)  # + 1: the metrics scrapes
+    async with aiohttp.ClientSession(url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=600)) as http:
         await _one(http, bodies[0], stream)  # warm-up (connection, first-request paths)
 
         async def worker() -> int:
@@ -354,6 +360,13 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
     return level
 
 
+def server_stack() -> dict[str, str]:
+    """The event loop and HTTP parser uvicorn picks here ("auto": the fast ones if present)."""
+    found = importlib.util.find_spec
+    return {"loop": "uvloop" if found("uvloop") else "asyncio",
+            "http": "httptools" if found("httptools") else "h11", "client": "aiohttp"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -368,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "machine": platform.processor() or platform.machine(),
                   "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                   "device": args.device, "model": describe(model_dir, source),
+                  "server_stack": server_stack(),
                   "prompt_chars": args.prompt_len, "max_tokens": args.max_tokens,
                   "greedy": True, "repeats": args.repeats, "levels": levels}
     print(json.dumps(result))

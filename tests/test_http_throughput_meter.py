@@ -54,7 +54,8 @@ def test_one_level_reports_the_steps_each_side_ran(tmp_path):
         assert 0 < steps["step_share_of_wall"] <= 1
     assert best["http"]["ipc"]["messages_per_token"] > 0
     assert best["http"]["cpu"]["core_cores"] > 0
-    assert best["http"]["cpu"]["api_cpu_us_per_token"] > 0
+    # /proc counts CPU in 10 ms ticks: so short a run's API share may round down to 0
+    assert best["http"]["cpu"]["api_cpu_us_per_token"] >= 0
     for name in ("http", "stream"):  # the window while both clients had work
         steady = best[name]["steady_window"]
         assert steady["tokens_per_s"] > 0 and steady["seconds"] > 0
