@@ -4,29 +4,32 @@ of `AsyncEngine` (prepare, generate, abort, drain, health, counts, start, shutdo
 The model, KV cache, scheduler and step loop live in a spawned process (`core_process`);
 this side holds only the immutable `InputProcessor` (validation and tokenization happen
 here, once), the streams of the requests in flight, and their detokenizers (the core sends
-token ids; text and stop strings are made here, see `engine.detokenizer`). Two threads
-talk to the pipe: a writer that sends the commands in order (a hung core can never block
-the event loop), and a reader that hands each `OutputBatch`'s deltas to the streams' event
-loops (one hand-off per loop per batch), its step statistics to the stats callback
-(metrics), and its status to `health` and the gauges.
+token ids; text and stop strings are made here, see `engine.detokenizer`). The socket to
+the core lives on the event loop (`core_wire.LoopWire`), as vLLM's AsyncLLM keeps its
+sockets: the commands of one loop iteration go out as one `CommandBatch`, each
+`OutputBatch`'s deltas go straight into the streams' queues, its step statistics to the
+stats callback (metrics), its status to `health` and the gauges. No thread stands between
+the socket and the requests (two hand-offs per token, measured as the API process's largest
+cost at concurrency 1), and a write never blocks: a frozen core cannot stall the loop.
 
-Failure semantics: the core is dead when the process is gone (EOF on the pipe, or no
+Failure semantics: the core is dead when the process is gone (EOF on the socket, or no
 process), when it is silent for more than `core_timeout` seconds (its heartbeat thread
 sends at least every 0.1 s, even in the middle of a long step: silence means the process
 is frozen), or when its step loop reports one iteration running for more than
-`step_timeout` seconds (a stuck step; a long one below the limit is fine). Then the cause
-is logged, a live core is killed, every request in flight ends with `EngineDeadError`
-(HTTP 503), and `health()` reports it.
+`step_timeout` seconds (a stuck step; a long one below the limit is fine). A timer on the
+loop looks every `POLL_SECONDS`; silence is counted only while the loop itself ran (a loop
+that was blocked cannot tell). Then the cause is logged, a live core is killed, every
+request in flight ends with `EngineDeadError` (HTTP 503), and `health()` reports it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
 import multiprocessing
 import os
-import queue
 import threading
 import time
 import uuid
@@ -56,6 +59,7 @@ from engine.core_messages import (
     encode,
 )
 from engine.core_process import run_core
+from engine.core_wire import BlockingWire, LoopWire, socket_of
 from engine.detokenizer import RequestDetokenizer
 from engine.engine_config import EngineConfig
 from engine.errors import (
@@ -71,7 +75,7 @@ from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("loopserve.engine")
 
-POLL_SECONDS = 0.05  # how often the reader looks at the core's liveness while it is quiet
+POLL_SECONDS = 0.05  # how often the loop's timer looks at the core's liveness
 
 
 class EngineCoreClient:
@@ -96,7 +100,11 @@ class EngineCoreClient:
         self._last_heard = time.monotonic()
         self._hooks: dict[int, Future] = {}
         self._hook_ids = itertools.count()
-        self._outbox: queue.SimpleQueue[ToCore | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._loop_thread: int | None = None
+        self._wire: LoopWire | None = None
+        self._unsent: list[ToCore] = []  # this loop iteration's commands, sent as one batch
+        self._last_tick = self._resumed_at = time.monotonic()
         self.messages_received = 0
         self.bytes_received = 0
         self._spawn(model_dir, config or EngineConfig(), startup_timeout)
@@ -107,37 +115,41 @@ class EngineCoreClient:
         """Start the core and wait until it has loaded the model; its load error is raised
         here (ConfigError, CheckpointError, ...)."""
         ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe(duplex=True)
+        parent, child = ctx.Pipe(duplex=True)  # a socket pair, handed to the child by spawn
         self.process = ctx.Process(target=run_core, name="loopserve-engine-core", daemon=True,
                                    args=(child, None if model_dir is None else str(model_dir),
                                          config, os.getpid()))
         self.process.start()
         child.close()
+        self._blocking = BlockingWire(socket_of(parent))
         try:
             ready = self._await_ready(timeout)
         except BaseException:
             self._kill()
+            self._blocking.close()
             raise
         self.processor: InputProcessor = ready.processor
         self.config: EngineConfig = ready.config
         self.max_model_len = ready.max_model_len
         self._status = CoreStatus(0, 0, 0.0, 0, 0)
         self._last_heard = time.monotonic()
-        self._reader = threading.Thread(target=self._read, name="loopserve-core-reader",
-                                        daemon=True)
-        self._writer = threading.Thread(target=self._write, name="loopserve-core-writer",
-                                        daemon=True)
 
     def _await_ready(self, timeout: float) -> CoreReady:
         deadline = time.monotonic() + timeout
-        while not self._conn.poll(0.1):
+        while not self._blocking.poll(0.1):
             if not self.process.is_alive():
-                raise EngineDeadError(f"the engine core exited with code "
-                                      f"{self.process.exitcode} while loading the model")
+                break
             if time.monotonic() > deadline:
                 raise EngineDeadError(f"the engine core did not load the model within "
                                       f"{timeout:g} s")
-        message = decode(self._conn.recv_bytes())
+        try:
+            message = decode(self._blocking.recv()) if self._blocking.poll(0) else None
+        except EOFError:
+            message = None
+        if message is None:
+            self.process.join(5)
+            raise EngineDeadError(f"the engine core exited with code "
+                                  f"{self.process.exitcode} while loading the model")
         if isinstance(message, CoreFailed):
             raise message.error
         if not isinstance(message, CoreReady):
@@ -147,25 +159,30 @@ class EngineCoreClient:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> EngineCoreClient:
-        if not self._reader.is_alive() and not self._stopped:
-            self._last_heard = time.monotonic()
-            self._reader.start()
-            self._writer.start()
+        """Attach the core's socket to the running event loop (call it on that loop)."""
+        if self._wire is None and not self._stopped:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+            self._last_heard = self._last_tick = self._resumed_at = time.monotonic()
+            self._wire = LoopWire(self._blocking, self._loop, self._on_frame, self._on_eof)
+            self._loop.call_later(POLL_SECONDS, self._tick)
         return self
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the core (requests still in flight end with EngineDeadError) and reap it."""
         self._accepting = False
         self._stopped = True
-        self._outbox.put(Shutdown())
-        self._outbox.put(None)
+        self._send_now_or_soon(Shutdown())
         self.process.join(timeout)
         self._kill()
         self._mark_dead("engine shut down", log=False)
-        for thread in (self._reader, self._writer):
-            if thread.is_alive():
-                thread.join(timeout)
-        self._conn.close()
+        self._on_loop(self._close_wire)
+
+    def _close_wire(self) -> None:
+        if self._wire is not None:
+            self._wire.close()
+        else:
+            self._blocking.close()
 
     def _kill(self) -> None:
         if self.process.is_alive():
@@ -201,11 +218,11 @@ class EngineCoreClient:
         if self._dead is not None:
             state = HealthState.STOPPED if self._stopped else HealthState.DEAD
             return Health(state, self._dead)
-        if not self._reader.is_alive():
+        if self._wire is None:
             return Health(HealthState.STOPPED, "engine core is not connected")
-        silent = time.monotonic() - self._last_heard
-        if silent > self.core_timeout:
-            return Health(HealthState.DEAD, f"engine core has not answered for {silent:.1f}s")
+        silent = self._silence()
+        if silent > self.core_timeout:  # the timer kills it on its next look
+            return Health(HealthState.DEAD, self._silent_reason(silent))
         busy_since = self._busy_since
         if busy_since is not None:
             stalled = time.monotonic() - max(busy_since, self._last_progress)
@@ -269,12 +286,12 @@ class EngineCoreClient:
             self._texts[request.request_id] = RequestDetokenizer(
                 self.processor.tokenizer, request.params, list(request.prompt_token_ids))
             self._adds_sent += 1
-        self._outbox.put(AddRequest(request))
+        self._send_soon(AddRequest(request))
 
     def abort(self, request_id: str) -> None:
         """Thread-safe; the core frees the request's blocks."""
         if self._dead is None:
-            self._outbox.put(AbortRequest(request_id))
+            self._send_soon(AbortRequest(request_id))
 
     def call_in_core(self, target: str, *args: Any, timeout: float = 30.0) -> Any:
         """Run `module:function(llm_engine, *args)` on the core's loop and return its value
@@ -289,47 +306,92 @@ class EngineCoreClient:
         if self._dead is not None:
             future.set_exception(EngineDeadError(self._dead))
         else:
-            self._outbox.put(CallHook(call_id, target, args))
+            self._send_soon(CallHook(call_id, target, args))
         return future
 
-    # ------------------------------------------------------------------ writer thread
-    def _write(self) -> None:
-        while (command := self._outbox.get()) is not None:
-            batch = [command]
-            with contextlib.suppress(queue.Empty):
-                while (command := self._outbox.get_nowait()) is not None:
-                    batch.append(command)
-            try:
-                self._conn.send_bytes(encode(CommandBatch(tuple(batch))))
-            except OSError:
-                return  # the reader reports the core's death
-            if command is None:
-                return
+    # ------------------------------------------------------------------ sending
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the event loop: now when called there (or when there is no
+        running loop to ask), else soon."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread or loop.is_closed():
+            callback()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(callback)
 
-    # ------------------------------------------------------------------ reader thread
-    def _read(self) -> None:
-        while self._dead is None:
-            try:
-                if not self._conn.poll(POLL_SECONDS):
-                    self._check_alive()
-                    continue
-                data = self._conn.recv_bytes()
-            except (EOFError, OSError):
-                self._on_eof()
-                return
-            self.messages_received += 1
-            self.bytes_received += len(data)
-            self._last_heard = time.monotonic()
-            self._dispatch(decode(data))
+    def _send_soon(self, command: ToCore) -> None:
+        """Queue a command for this loop iteration's batch (thread-safe)."""
+        self._on_loop(lambda: self._queue(command))
+
+    def _queue(self, command: ToCore) -> None:
+        if not self._unsent and self._loop is not None:
+            self._loop.call_soon(self._flush)
+        self._unsent.append(command)
+
+    def _flush(self) -> None:
+        batch, self._unsent = self._unsent, []
+        if not batch or self._dead is not None:
+            return
+        data = encode(CommandBatch(tuple(batch)))
+        try:
+            if self._wire is not None:
+                self._wire.send(data)
+            else:
+                self._blocking.send(data)
+        except OSError:
+            pass  # the core is gone: its EOF reports it
+
+    def _send_now_or_soon(self, command: ToCore) -> None:
+        """Send at once on the loop's thread (whoever then blocks, the command is out)."""
+        def send() -> None:
+            self._unsent.append(command)
+            self._flush()
+        self._on_loop(send)
+
+    # ------------------------------------------------------------------ receiving
+    def _on_frame(self, data: bytes) -> None:
+        if self._dead is not None:
+            return
+        self.messages_received += 1
+        self.bytes_received += len(data)
+        self._last_heard = time.monotonic()
+        self._dispatch(decode(data))
+
+    def _silence(self) -> float:
+        """Seconds without a word from the core, counted only while the loop ran: after the
+        loop itself was blocked, the core's messages may wait unread, so the count starts
+        again when the loop resumes (and is 0 until its timer has run since)."""
+        now = time.monotonic()
+        if self._loop_stalled(now):
+            return 0.0
+        return now - max(self._last_heard, self._resumed_at)
+
+    def _loop_stalled(self, now: float) -> bool:
+        return now - self._last_tick > POLL_SECONDS + self.core_timeout / 2
+
+    def _tick(self) -> None:
+        """Timer: is the core still there? Reschedules itself until the core is dead."""
+        now = time.monotonic()
+        if self._loop_stalled(now):
+            self._resumed_at = now
+        self._last_tick = now
+        if self._dead is None:
+            self._check_alive()
+        if self._dead is None and self._loop is not None:
+            self._loop.call_later(POLL_SECONDS, self._tick)
 
     def _check_alive(self) -> None:
-        silent = time.monotonic() - self._last_heard
+        silent = self._silence()
         if not self.process.is_alive():
             self._on_eof()
         elif silent > self.core_timeout:
-            self._mark_dead(f"engine core process stopped answering (nothing for "
-                            f"{silent:.1f}s, limit {self.core_timeout:g}s); it was killed")
+            self._mark_dead(f"{self._silent_reason(silent)}; it was killed")
             self._kill()
+
+    def _silent_reason(self, silent: float) -> str:
+        return (f"engine core process stopped answering (nothing for {silent:.1f}s, "
+                f"limit {self.core_timeout:g}s)")
 
     def _check_step(self, busy_s: float) -> None:
         if busy_s > self.step_timeout:
@@ -338,7 +400,7 @@ class EngineCoreClient:
             self._kill()
 
     def _on_eof(self) -> None:
-        self.process.join(1)
+        self.process.join(0.5)  # EOF: the process is gone or going; its exit code, if it can
         if self._stopped:
             self._mark_dead("engine shut down", log=False)
             return
@@ -352,7 +414,7 @@ class EngineCoreClient:
             self._dead = reason
         if log:
             logger.error("engine core is dead: %s", reason)
-        self._outbox.put(None)
+        self._unsent.clear()
         for future in self._hooks.values():
             if not future.done():
                 future.set_exception(EngineDeadError(reason))

@@ -4,9 +4,9 @@
 answers `CoreReady` (or `CoreFailed` with the load error), then loops: take every command
 waiting on the pipe, run one engine step while requests are unfinished, and send one
 `OutputBatch` with the deltas of every request the step touched, the step's statistics and
-the core's status. A sender thread pickles and writes every message, in order, so the loop
-goes on to the next step while the last one's outputs cross (the write's wake-up of the
-reader costs 0.1-0.2 ms on a small VM; torch ops release the GIL, so the two overlap).
+the core's status. The loop writes its messages itself, under a lock it shares with the
+heartbeat: a sender thread, tried, cost the step 7-10% at concurrency 1 (each torch op
+releases the GIL, and a second runnable thread turns every release into a hand-off).
 A heartbeat thread sends `CoreAlive` whenever nothing went out for
 `HEARTBEAT_SECONDS` (idle, between empty steps, or in the middle of a long one), with
 how long the loop has been in its current iteration: the process is known to run even
@@ -28,7 +28,6 @@ import importlib
 import logging
 import os
 import pickle
-import queue
 import signal
 import sys
 import threading
@@ -54,6 +53,7 @@ from engine.core_messages import (
     decode,
     encode,
 )
+from engine.core_wire import BlockingWire, socket_of
 from engine.engine_config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.gc_freeze import freeze_startup_heap
@@ -64,7 +64,6 @@ logger = logging.getLogger("loopserve.engine")
 
 HEARTBEAT_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1
-OUTBOX_LIMIT = 64  # messages waiting for the sender: then the loop waits (backpressure)
 
 
 def run_core(conn: Connection, model_dir: str | None, config: EngineConfig,
@@ -73,16 +72,16 @@ def run_core(conn: Connection, model_dir: str | None, config: EngineConfig,
     _detach_from_signals(parent_pid)
     logging.basicConfig(level="INFO", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    wire = BlockingWire(socket_of(conn))
     try:
         llm = LLMEngine.from_pretrained(model_dir, config, detokenize=False)
     except BaseException as exc:  # noqa: BLE001 - every load error goes to the API process
-        conn.send_bytes(encode(CoreFailed(_picklable(exc))))
+        wire.send(encode(CoreFailed(_picklable(exc))))
         return
     frozen = freeze_startup_heap()
     logger.debug("%d start-up objects frozen out of the garbage collector's scans", frozen)
-    conn.send_bytes(encode(CoreReady(os.getpid(), llm.processor, llm.config,
-                                     llm.max_model_len)))
-    EngineCore(llm, conn).run()
+    wire.send(encode(CoreReady(os.getpid(), llm.processor, llm.config, llm.max_model_len)))
+    EngineCore(llm, wire).run()
 
 
 def _detach_from_signals(parent_pid: int) -> None:
@@ -108,17 +107,14 @@ def _picklable(exc: BaseException) -> BaseException:
 class EngineCore:
     """The step loop on the core's side of the pipe."""
 
-    def __init__(self, llm: LLMEngine, conn: Connection) -> None:
+    def __init__(self, llm: LLMEngine, wire: BlockingWire) -> None:
         self.llm = llm
-        self.conn = conn
+        self.wire = wire
         self.adds_seen = 0
         self.stop = False
         self.last_sent = 0.0
         self.iteration_started = time.monotonic()
-        self._outbox: queue.Queue[FromCore | None] = queue.Queue(OUTBOX_LIMIT)
-        self._send_error: OSError | None = None  # why the sender thread stopped, if it did
-        self._sender = threading.Thread(target=self._send_all, name="loopserve-core-sender",
-                                        daemon=True)
+        self._write_lock = threading.Lock()  # one message at a time on the socket
         self._stats: StepStats | None = None
         llm.stats_callback = self._keep_stats
 
@@ -126,7 +122,6 @@ class EngineCore:
         self._stats = stats
 
     def run(self) -> None:
-        self._sender.start()
         threading.Thread(target=self._heartbeat, name="loopserve-core-heartbeat",
                          daemon=True).start()
         try:
@@ -139,7 +134,7 @@ class EngineCore:
             logger.exception("engine core loop died")
             self._send_quietly(CoreDied(f"engine loop died: {exc!r}"))
         finally:
-            self._flush()
+            self.stop = True  # the heartbeat too
 
     def _loop_once(self) -> None:
         busy = self.llm.has_unfinished()
@@ -170,9 +165,9 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         added = False
         wait = timeout
-        while not self.stop and self.conn.poll(wait):
+        while not self.stop and self.wire.poll(wait):
             wait = 0.0
-            message: ToCore = decode(self.conn.recv_bytes())
+            message: ToCore = decode(self.wire.recv())
             for command in (message.commands if isinstance(message, CommandBatch)
                             else (message,)):
                 added |= self._apply(command, outputs)
@@ -226,34 +221,17 @@ class EngineCore:
         self._send(OutputBatch(tuple(outputs), stats, self._status()))
 
     def _send(self, message: FromCore) -> None:
-        """Queue a message for the sender thread (from the loop or the heartbeat thread);
-        raises the sender's error once the API process is gone."""
-        while True:
-            if self._send_error is not None:
-                raise self._send_error
-            try:
-                self._outbox.put(message, timeout=HEARTBEAT_SECONDS)
-                return
-            except queue.Full:
-                continue  # the API process reads slowly (or is frozen): wait, as a write would
-
-    def _send_all(self) -> None:
-        """Thread: pickle and write each queued message in order, until the sentinel."""
-        while (message := self._outbox.get()) is not None:
-            try:
-                self.conn.send_bytes(encode(message))
-            except OSError as exc:  # the API process is gone: the loop stops on its next send
-                self._send_error = exc
-                self.stop = True
-                return
-            self.last_sent = time.monotonic()
-
-    def _flush(self) -> None:
-        """Let the sender write what is queued (a CoreDied above all) before the process
-        exits, for at most a second or two."""
-        with contextlib.suppress(queue.Full):
-            self._outbox.put(None, timeout=1.0)
-        self._sender.join(timeout=1.0)
+        """Write one message (from the loop or the heartbeat thread). A full pipe blocks
+        here, as backpressure; an OSError means the API process is gone, and stops the
+        loop (the heartbeat's send raises it there too)."""
+        data = encode(message)
+        try:
+            with self._write_lock:
+                self.wire.send(data)
+        except OSError:
+            self.stop = True
+            raise
+        self.last_sent = time.monotonic()
 
     def _send_quietly(self, message: FromCore) -> None:
         with contextlib.suppress(OSError):  # the API process may be gone already

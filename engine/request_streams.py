@@ -1,9 +1,10 @@
 """`RequestStreams`: the asyncio side of the requests in flight, shared by both engines.
 
-Each request's deltas are produced on an engine thread (the thread engine's loop, or the
-reader of an engine-core process) and consumed on the event loop that asked for them.
-`RequestStreams` keeps one asyncio queue per request, hands a step's outputs over in one
-`call_soon_threadsafe` per event loop, and yields a request's deltas until its final one;
+Each request's deltas are produced on an engine thread (the thread engine's loop) or on the
+event loop itself (the socket of an engine-core process), and consumed on the event loop
+that asked for them. `RequestStreams` keeps one asyncio queue per request, hands a step's
+outputs over in one `call_soon_threadsafe` per other event loop (straight into the queues
+on the producer's own), and yields a request's deltas until its final one;
 an item that is an exception is raised in the consumer instead.
 """
 
@@ -73,6 +74,9 @@ class RequestStreams:
         stream = self._streams.get(request_id)
         if stream is None:
             return
+        if stream.loop is _running_loop():
+            stream.queue.put_nowait(item)
+            return
         with contextlib.suppress(RuntimeError):  # the consumer's event loop may be closed
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
@@ -83,7 +87,11 @@ class RequestStreams:
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        here = _running_loop()
         for loop, items in by_loop.items():
+            if loop is here:  # the producer runs on the consumers' loop: no hand-off
+                _put_all(items)
+                continue
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
 
@@ -101,6 +109,13 @@ class RequestStreams:
     def fail_all(self, error: BaseException) -> None:
         for request_id in self.ids():
             self.deliver(request_id, error)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Item]]) -> None:

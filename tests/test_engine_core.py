@@ -300,13 +300,14 @@ def test_the_core_freezes_its_start_up_heap_and_still_collects_new_garbage(check
         gc.unfreeze()
 
 
-def test_the_core_sender_writes_in_order_and_a_gone_api_process_stops_the_loop():
-    """The sender thread writes what the loop and the heartbeat queue, in order; once the
-    pipe is broken, the next send raises and the loop is told to stop."""
+def test_the_core_writes_whole_messages_from_two_threads_and_a_gone_api_stops_the_loop():
+    """The loop and the heartbeat both write: every message arrives whole (one lock), each
+    thread's in its order; once the pipe is broken, a send raises and stops the loop."""
     import multiprocessing
 
     from engine.core_messages import CoreAlive, decode
     from engine.core_process import EngineCore
+    from engine.core_wire import BlockingWire, socket_of
     from engine.llm_engine import LLMEngine
     from model.tokenizer import load_tokenizer
     from tests.helpers import make_model
@@ -314,18 +315,30 @@ def test_the_core_sender_writes_in_order_and_a_gone_api_process_stops_the_loop()
 
     model = make_model()
     llm = LLMEngine(model, load_tokenizer(None, model.config), engine_config())
-    api, core_end = multiprocessing.Pipe()
-    core = EngineCore(llm, core_end)
-    core._sender.start()
-    for i in range(5):
+    api_end, core_end = multiprocessing.Pipe()
+    api = BlockingWire(socket_of(api_end))
+    core = EngineCore(llm, BlockingWire(socket_of(core_end)))
+
+    def send_from_a_thread() -> None:
+        for i in range(200):
+            core._send(CoreAlive(1000.0 + i))
+
+    seen: list[float] = []  # read meanwhile: a socket pair holds only ~200 small messages
+    reader = threading.Thread(target=lambda: seen.extend(
+        decode(api.recv()).loop_busy_s for _ in range(400)))
+    other = threading.Thread(target=send_from_a_thread)
+    reader.start()
+    other.start()
+    for i in range(200):
         core._send(CoreAlive(float(i)))
-    assert [decode(api.recv_bytes()).loop_busy_s for _ in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    other.join()
+    reader.join(10)
+    assert [x for x in seen if x < 1000] == [float(i) for i in range(200)]
+    assert [x for x in seen if x >= 1000] == [1000.0 + i for i in range(200)]
+    assert not api.poll(0.05) and not core.stop
     api.close()  # the API process is gone
     deadline = time.monotonic() + 5
     with pytest.raises(OSError):
         while time.monotonic() < deadline:
             core._send(CoreAlive(0.0))
-            time.sleep(0.01)
     assert core.stop
-    core._flush()  # returns at once: the sender has stopped
-    assert not core._sender.is_alive()
