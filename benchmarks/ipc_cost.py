@@ -1,5 +1,6 @@
-"""What one engine-core message costs: pickle over a multiprocessing pipe (what loopserve
-ships) against msgpack over ZMQ (what vLLM v1 uses), on the core's real messages.
+"""What one engine-core message costs: pickle over a socket pair (a multiprocessing pipe: the
+transport loopserve ships, which frames the same socket pair itself) against msgpack over
+ZMQ (what vLLM v1 uses), on the core's real messages.
 
 The bundled model serves B greedy requests offline (the core's own `LLMEngine`, no
 detokenizer); after the prompts, each decode step's outputs become the `OutputBatch` the core

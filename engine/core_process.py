@@ -2,7 +2,7 @@
 
 `run_core` is the process's entry point (spawned by `EngineCoreClient`). It loads the model,
 answers `CoreReady` (or `CoreFailed` with the load error), then loops: take every command
-waiting on the pipe, run one engine step while requests are unfinished, and send one
+waiting on the socket, run one engine step while requests are unfinished, and send one
 `OutputBatch` with the deltas of every request the step touched, the step's statistics and
 the core's status. The loop writes its messages itself, under a lock it shares with the
 heartbeat: a sender thread, tried, cost the step 7-10% at concurrency 1 (each torch op
@@ -17,7 +17,7 @@ The core sends token ids only: the API process detokenizes and applies stop stri
 (`engine.detokenizer`), and aborts a request here once a stop string ended it.
 
 The core ignores SIGINT and SIGTERM (the API process drains through it and then stops it)
-and dies with its parent: on Linux by PR_SET_PDEATHSIG, everywhere by the pipe's EOF.
+and dies with its parent: on Linux by PR_SET_PDEATHSIG, everywhere by the socket's EOF.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 class EngineCore:
-    """The step loop on the core's side of the pipe."""
+    """The step loop on the core's side of the socket."""
 
     def __init__(self, llm: LLMEngine, wire: BlockingWire) -> None:
         self.llm = llm

@@ -2,7 +2,7 @@
 
 Two sources feed them:
 - the engine's step statistics (`ServerMetrics.on_step`, the engine's stats callback: on the
-  engine thread, or, with an engine-core process, on the API process's reader thread as each
+  engine thread, or, with an engine-core process, on the API process's event loop as each
   output batch arrives with the statistics of its step): preemptions, prefix-cache lookups,
   the batch size of every (layer, loop step) call, loop iterations and tokens per layer,
   memory-gate activity. The registry lives in the API process either way;
