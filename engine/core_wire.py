@@ -11,6 +11,7 @@ thread hands messages over and a frozen core can never stall the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import socket
@@ -171,7 +172,8 @@ class LoopWire:
             return
         self.closed = True
         fd = self.sock.fileno()
-        self.loop.remove_reader(fd)
-        if self._unsent:
-            self.loop.remove_writer(fd)
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            self.loop.remove_reader(fd)
+            if self._unsent:
+                self.loop.remove_writer(fd)
         self.sock.close()

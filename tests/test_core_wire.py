@@ -93,3 +93,13 @@ def test_frames_read_before_the_loop_attached_are_delivered_first():
     asyncio.run(asyncio.wait_for(main(), 5))
     assert received == [b"early-1", b"early-2", b"late"]
     sender.close()
+
+
+def test_closing_after_the_loop_has_closed_still_closes_the_socket():
+    a, b = socket.socketpair()
+    loop = asyncio.new_event_loop()
+    wire = LoopWire(BlockingWire(a), loop, lambda data: None, lambda: None)
+    loop.close()
+    wire.close()
+    assert wire.closed and a.fileno() == -1
+    b.close()
