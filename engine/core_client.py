@@ -356,7 +356,13 @@ class EngineCoreClient:
         self.messages_received += 1
         self.bytes_received += len(data)
         self._last_heard = time.monotonic()
-        self._dispatch(decode(data))
+        try:
+            self._dispatch(decode(data))
+        except Exception as exc:  # noqa: BLE001 - the loop would log it and read on
+            logger.exception("message from the engine core could not be handled")
+            self._mark_dead(f"engine core sent a message this process cannot handle "
+                            f"({type(exc).__name__}: {exc}); it was killed")
+            self._kill()
 
     def _silence(self) -> float:
         """Seconds without a word from the core, counted only while the loop ran: after the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,24 @@ def test_a_frozen_core_process_is_declared_dead_and_killed(checkpoint):
         # SIGSTOP freezes every thread, the heartbeat too: only silence tells
         _dies_mid_stream(server, http, lambda pid: os.kill(pid, signal.SIGSTOP),
                          "process stopped answering")
+
+
+def test_a_message_the_api_process_cannot_read_ends_the_core_with_a_503(checkpoint):
+    """A frame that does not decode (a protocol mismatch, say) is not logged and skipped:
+    the core is declared dead, naming why, and killed."""
+    from engine.core_messages import PROTOCOL_VERSION
+
+    with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
+        engine = server.state.engine
+        pid = engine.core_pid
+        frame = pickle.dumps((PROTOCOL_VERSION + 1, None))
+        engine._loop.call_soon_threadsafe(engine._on_frame, frame)
+        wait_until(lambda: http.get("/health").status_code == 503, 5, "/health 503")
+        message = http.get("/health").json()["error"]["message"]
+        assert "cannot handle" in message and "ProtocolError" in message
+        late = http.post("/v1/completions", json={"prompt": "late"})
+        assert late.status_code == 503
+        wait_until(lambda: not alive(pid), 5, "the core is killed")
 
 
 def test_a_step_longer_than_the_core_timeout_is_not_a_hang(checkpoint):
