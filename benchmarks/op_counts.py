@@ -45,6 +45,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from engine.fused_chains import count_launches
+
 NORMAL, HOST, QUIET = "normal", "host", "quiet"  # scopes a Python-level call sets
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -109,6 +111,7 @@ class OpCounter:
     def __enter__(self) -> OpCounter:
         self._stack.enter_context(_FunctionLayer(self))
         self._stack.enter_context(_DispatchLayer(self))
+        self._stack.enter_context(count_launches(self._compiled))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,6 +149,14 @@ class OpCounter:
         self.by_op[op] += 1
         if self.record_sites:
             self.kernels_by_site[_call_site(with_line=False)] += 1
+
+    def _compiled(self, launches: list[str]) -> None:
+        """What one call of compiled code launched (profiler names, see fused_chains)."""
+        for name in launches:
+            op = name.replace("::", ".") if name.startswith("aten::") else "inductor.fused"
+            if op.removeprefix("aten.") in DATA_DEPENDENT or op == "aten._local_scalar_dense":
+                self._sync(op, "compiled")
+            self._kernel(op)
 
     def _mark(self, result: Any) -> None:
         for t in _tensors(result):

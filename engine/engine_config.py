@@ -34,6 +34,8 @@ class EngineConfig:
     # fixed-shape decode buckets: auto = CUDA graphs on CUDA, off elsewhere; on = buckets on
     # any device (eager where there are no graphs: how the CPU tests exercise them); off
     static_decode: str = "auto"
+    # masked loop steps through torch.compile'd chains (fewer kernels; compiles at start-up)
+    compile_chains: bool = False
     seed: int = 0
     num_threads: int | None = None  # CPU threads of torch (process-wide); None: torch's choice
 
@@ -55,6 +57,9 @@ class EngineConfig:
         if self.static_decode not in STATIC_DECODE:
             raise ConfigError(f"static_decode must be one of {list(STATIC_DECODE)}, got "
                               f"{self.static_decode!r}")
+        if not isinstance(self.compile_chains, bool):
+            raise ConfigError(f"compile_chains must be true or false, got "
+                              f"{self.compile_chains!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got "
                               f"{self.scheduling_policy!r}")

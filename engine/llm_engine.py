@@ -95,7 +95,8 @@ class LLMEngine:
                                   calibration_rows=min(256, self.config.max_num_batched_tokens),
                                   static_decode=self._static_decode(model),
                                   max_num_seqs=self.config.max_num_seqs,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len,
+                                  compile_chains=self.config.compile_chains)
         self.sampler = Sampler(self.config.seed)
         self.flop_table = FlopTable(model.config)
         self.stats_callback = stats_callback

@@ -37,6 +37,11 @@ class StepTokens:
     offsets: torch.Tensor  # [T] long offset in that block
     plan: AttentionPlan
 
+    @property
+    def rope_pairs(self) -> torch.Tensor:
+        """[T, 1, hd/2, 2] fp32 (cos, sin): the rope table as real pairs (a view)."""
+        return torch.view_as_real(self.rope)
+
 
 @dataclasses.dataclass
 class LayerState:
@@ -61,7 +66,7 @@ class LayerState:
                    gate_sum=torch.zeros(total, 2, **f32), kv_last=None)
 
 
-def _write_plane(cache: torch.Tensor, tokens: StepTokens, plane: int, kv: torch.Tensor) -> None:
+def write_plane(cache: torch.Tensor, tokens: StepTokens, plane: int, kv: torch.Tensor) -> None:
     """k/v [T, 2, Hkv, hd] of every row into 0-based `plane` of one layer's pool."""
     cache[tokens.blocks, plane, tokens.offsets] = kv
 
@@ -102,7 +107,7 @@ def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     x, gates, q, kv = _project(block, tokens, layer.state)
     if layer.kv_last is not None:
         kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
-    _write_plane(cache, tokens, step - 1, kv)
+    write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q), step)
     weight, layer.remaining, halted = _halting(block, h, layer.remaining,
                                                tokens.halt_below[step - 1], step)
@@ -121,7 +126,7 @@ def first_masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepToke
     and merged into: the same values bit for bit (0 + a = a, 1 * a = a), and 7 kernels
     fewer per layer (no fills, no merges, no `lam * 1`)."""
     x, gates, q, kv = _project(block, tokens, h)
-    _write_plane(cache, tokens, 0, kv)
+    write_plane(cache, tokens, 0, kv)
     h1 = block.finish_step(x, tokens.plan.attend(cache, 0, None, q), 1)
     halt_below = tokens.halt_below[0]
     lam = block.halt_probability(h1, 1)
@@ -142,13 +147,13 @@ def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     rows = layer.active.nonzero().squeeze(1)  # [A] sorted: the data-dependent shape
     count = rows.numel()
     if count == 0:
-        _write_plane(cache, tokens, step - 1, layer.kv_last)
+        write_plane(cache, tokens, step - 1, layer.kv_last)
         return 0
     x, gates = block.read_memory(layer.state.index_select(0, rows))
     q, k, v = block.project_qkv(x, tokens.rope.index_select(0, rows))
     kv_rows = torch.stack((k, v), dim=1)  # [A, 2, Hkv, hd]
     kv = kv_rows if layer.kv_last is None else layer.kv_last.index_copy(0, rows, kv_rows)
-    _write_plane(cache, tokens, step - 1, kv)
+    write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, rows, q), step)
     weight, left, halted = _halting(block, h, layer.remaining.index_select(0, rows),
                                     tokens.halt_below[step - 1].index_select(0, rows), step)

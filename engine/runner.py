@@ -25,7 +25,10 @@ import dataclasses
 import torch
 
 from engine.block_manager import BlockCopy
+from engine.errors import ConfigError
 from engine.form_policy import COMPACTED, FormPolicy, calibrate
+from engine.fused_chains import CompiledChains
+from engine.fused_step import FusedLayer
 from engine.loop_step import (
     LayerState,
     StepTokens,
@@ -79,7 +82,8 @@ class ModelRunner:
     def __init__(self, model: LoopLM, num_blocks: int, block_size: int,
                  max_depth: bool = False, loop_form: str = "auto",
                  calibration_rows: int = 256, static_decode: bool = False,
-                 max_num_seqs: int = 64, max_model_len: int | None = None) -> None:
+                 max_num_seqs: int = 64, max_model_len: int | None = None,
+                 compile_chains: bool = False) -> None:
         self.model = model
         self.config = model.config
         self.block_size = block_size
@@ -87,6 +91,9 @@ class ModelRunner:
         # the layers' weights rearranged for serving (a snapshot: made once, here)
         self.blocks = [ServingBlock(b, model.global_bank) for b in model.layers]
         self.upload = StepUpload(model.device)
+        # masked steps through the fused chains (torch.compile), or loop_step's eager ones
+        chains = CompiledChains() if compile_chains else None
+        self.fused = [FusedLayer(b, chains) for b in self.blocks] if chains else None
         cost_model = calibrate(model, calibration_rows) if loop_form == "auto" else None
         self.policy = FormPolicy(model.config.n_layers, model.config.max_loops, loop_form,
                                  cost_model)
@@ -96,6 +103,13 @@ class ModelRunner:
         shape = (num_blocks + 1, cfg.max_loops, block_size, 2, cfg.n_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=model.device)
                           for _ in range(cfg.n_layers)]
+        if self.fused is not None:
+            try:  # before any graph capture: nothing compiles inside one
+                self._warm_up_chains()
+            except Exception as exc:  # torch.compile's failures are many; all end start-up
+                raise ConfigError(f"compile_chains: torch.compile failed at start-up "
+                                  f"({type(exc).__name__}: {exc}); run without "
+                                  f"--compile-chains") from exc
         self.static = None
         if static_decode:
             width = -(-(max_model_len or cfg.max_position) // block_size)
@@ -159,10 +173,10 @@ class ModelRunner:
                             plan=inputs.plan(self.block_size))
         h = self.model.embed(inputs.token_ids)
         depths, gate_means = [], []
-        for index, block in enumerate(self.blocks):
-            layer = first_masked_step(block, self.kv_caches[index], tokens, h)
+        for index in range(len(self.blocks)):
+            layer = self._first_masked(index, tokens, h)
             for step in range(2, self.config.max_loops + 1):
-                masked_step(block, self.kv_caches[index], tokens, layer, step)
+                self._masked(index, tokens, layer, step)
             h = layer.mixture.to(h.dtype)
             depths.append(layer.depth)
             gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
@@ -235,16 +249,45 @@ class ModelRunner:
         if self.policy.form(index, 1, total) == COMPACTED:  # only where the form is forced
             layer, first = LayerState.start(h), 1
         else:
-            layer, first = first_masked_step(block, cache, tokens, h), 2
+            layer, first = self._first_masked(index, tokens, h), 2
         for step in range(first, num_steps + 1):
             if self.policy.form(index, step, total) == COMPACTED:
                 if compacted_step(block, cache, tokens, layer, step) == 0:
                     fill_later_planes(cache, tokens, layer, step, self.config.max_loops)
                     return layer
             else:
-                masked_step(block, cache, tokens, layer, step)
+                self._masked(index, tokens, layer, step)
         fill_later_planes(cache, tokens, layer, num_steps, self.config.max_loops)
         return layer
+
+    @torch.inference_mode()
+    def _warm_up_chains(self) -> None:
+        """Compile every chain variant now (start-up), not in the first requests: one
+        decode row, then two (a graph for a single row and one for any number of rows),
+        every loop step of layer 0 (one graph serves every layer), into the scratch block."""
+        cfg, scratch = self.config, self.kv_caches[0].shape[0] - 1
+        for rows in (1, 2):
+            step = StepInput(token_ids=[0] * rows, positions=[0] * rows,
+                             block_tables=[[scratch]] * rows, starts=[0] * rows,
+                             lengths=[1] * rows, halt_thresholds=[-1.0] * rows,
+                             max_loops=[cfg.max_loops] * rows, sample_rows=list(range(rows)),
+                             num_decodes=rows)
+            layout, uploaded = self._upload(step)
+            tokens = self._step_tokens(layout, uploaded, cfg.max_loops)
+            layer = self._first_masked(0, tokens, self.model.embed(uploaded["token_ids"]))
+            for t in range(2, cfg.max_loops + 1):
+                self._masked(0, tokens, layer, t)
+
+    def _first_masked(self, index: int, tokens: StepTokens, h: torch.Tensor) -> LayerState:
+        if self.fused is not None:
+            return self.fused[index].first_step(self.kv_caches[index], tokens, h)
+        return first_masked_step(self.blocks[index], self.kv_caches[index], tokens, h)
+
+    def _masked(self, index: int, tokens: StepTokens, layer: LayerState, step: int) -> None:
+        if self.fused is not None:
+            self.fused[index].step(self.kv_caches[index], tokens, layer, step)
+        else:
+            masked_step(self.blocks[index], self.kv_caches[index], tokens, layer, step)
 
 
 def _per_token(values: list, lengths: list[int]) -> list:
