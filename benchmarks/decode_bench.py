@@ -24,6 +24,7 @@ import time
 import torch
 
 from benchmarks.engine_throughput import copy_rate, matmul_rate
+from benchmarks.host_overhead import token_ids_tokenizer
 from benchmarks.machine import machine_name, sync
 from engine import LLM, LoopLM, SamplingParams, get_preset
 from engine.runner import ModelRunner
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--sync-debug", action="store_true")
     parser.add_argument("--static-decode", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--compile-chains", action="store_true",
+                        help="masked steps through the torch.compile'd chains (fused_chains)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     return parser.parse_args(argv)
@@ -66,11 +69,13 @@ def build_model(args: argparse.Namespace) -> LoopLM:
     return model.to(dtype=resolve_dtype(args.dtype)).eval()
 
 
-def prefilled(model: LoopLM, args: argparse.Namespace, mode: str) -> LLM:
+def prefilled(model: LoopLM, args: argparse.Namespace, mode: str, **options) -> LLM:
     blocks_per_seq = -(-(args.context + 4 * args.steps + 8) // args.block_size)
-    llm = LLM(model, num_kv_blocks=args.batch * blocks_per_seq + 8, block_size=args.block_size,
+    llm = LLM(model, tokenizer=token_ids_tokenizer(model),
+              num_kv_blocks=args.batch * blocks_per_seq + 8, block_size=args.block_size,
               max_num_seqs=args.batch, max_num_batched_tokens=max(2048, args.context),
-              enable_prefix_caching=False, mode=mode, static_decode=args.static_decode)
+              enable_prefix_caching=False, mode=mode, static_decode=args.static_decode,
+              **options)
     gen = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
     params = SamplingParams(max_tokens=4 * args.steps + 4, temperature=0.0, ignore_eos=True,
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     peaks = {"matmul": matmul_rate(args.device, model.dtype), "copy": copy_rate(args.device)}
     rows = {}
     for mode in ("adaptive", "max_depth"):
-        llm = prefilled(model, args, mode)
+        llm = prefilled(model, args, mode, compile_chains=args.compile_chains)
         result = time_decode(llm, args)
         result.update(rates_of(model, result, args.context))
         result["flops_fraction_of_matmul_peak"] = result["flops_per_s"] / peaks["matmul"]
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"benchmark": "decode_bench", "machine": machine_name(args.device), "device": args.device,
            "dtype": str(model.dtype), "preset": args.preset, "batch": args.batch,
            "context": args.context, "steps": args.steps, "halt_threshold": args.threshold,
-           "router_bias": args.router_bias, "model_config": model.config.to_dict(),
+           "router_bias": args.router_bias, "compile_chains": args.compile_chains,
+           "model_config": model.config.to_dict(),
            "kv_bytes_per_token": ModelRunner.kv_bytes_per_token(model),
            "measured_matmul_flops_per_s": peaks["matmul"],
            "measured_copy_bytes_per_s": peaks["copy"], **rows,

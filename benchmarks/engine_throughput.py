@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from benchmarks.host_overhead import token_ids_tokenizer
 from benchmarks.machine import machine_name, sync
 from engine import LLM, LoopLM, ModelConfig, SamplingParams, get_preset
 from engine.runner import ModelRunner
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         -(args.prompt_len + args.output_len) // 16) + 8), block_size=16,
         max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=4096,
         enable_prefix_caching=False)
+    if not args.bundled:  # a random model: prompts are token ids (any preset's vocabulary)
+        options["tokenizer"] = token_ids_tokenizer(model)
     adaptive = LLM(model, **options)
     max_depth = LLM(model, mode="max_depth", **options)
     block_bytes = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())

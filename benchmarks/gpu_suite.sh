@@ -6,6 +6,8 @@
 #      preset, each (layer, step) form recorded, every bucket replay under
 #      torch.cuda.set_sync_debug_mode("error")
 #   3. the same dense model in loopserve and in transformers' generate
+#   4. the paper preset at batch 256 again with the elementwise chains fused by
+#      torch.compile (--compile-chains; last, as it compiles for about a minute)
 # JSON goes to $OUT (the device tool's folder) when set, else benchmarks/results/<date>-gpu.
 # Runs with the device's own python3 (torch with CUDA, transformers, pytest); it needs none
 # of the server's packages. Usage: bash benchmarks/gpu_suite.sh
@@ -42,4 +44,7 @@ for preset in paper-loop3-mem paper-iso-flop-baseline; do
 done
 step peer 60 "$PY" -m benchmarks.peer_transformers --device cuda --dtype bf16 \
     --batch-sizes 1 8 32 64
+step decode-compiled-paper-loop3-mem-256 90 "$PY" -m benchmarks.decode_bench \
+    --preset paper-loop3-mem --device cuda --dtype bf16 --batch 256 --context 1024 --steps 16 \
+    --router-bias 0.4 --sync-debug --compile-chains
 "$PY" -m benchmarks.gpu_summary "$OUT"

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the runner's form choice (masked: what a GPU decode step runs)")
     parser.add_argument("--static-decode", default="off", choices=("auto", "on", "off"),
                         help="on: the fixed-shape decode bucket (a CUDA graph on a GPU)")
+    parser.add_argument("--compile-chains", action="store_true",
+                        help="masked steps through the torch.compile'd chains (fused_chains)")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
 
@@ -65,13 +67,13 @@ def build_llm(preset: str, device: str = "cpu", dtype: str = "bf16", batch: int 
     model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
     block_size = 16
     blocks = batch * -(-context // block_size) + 4
-    return LLM(model, tokenizer=_token_ids_tokenizer(model), num_kv_blocks=blocks,
+    return LLM(model, tokenizer=token_ids_tokenizer(model), num_kv_blocks=blocks,
                block_size=block_size, max_num_seqs=batch,
                max_num_batched_tokens=max(256, batch * context), enable_prefix_caching=False,
                **engine_options)
 
 
-def _token_ids_tokenizer(model: LoopLM) -> ByteTokenizer:
+def token_ids_tokenizer(model: LoopLM) -> ByteTokenizer:
     """A byte tokenizer over the model's vocabulary: requests here are token ids, so a
     preset that names a Hugging Face tokenizer needs no tokenizer files."""
     cfg = model.config
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     clock = [time.perf_counter()]
     llm = build_llm(args.preset, args.device, args.dtype, args.batch, args.prompt_len + 8,
                     args.router_bias, args.router_std, args.seed, loop_form=args.loop_form,
-                    static_decode=args.static_decode)
+                    static_decode=args.static_decode, compile_chains=args.compile_chains)
     clock.append(time.perf_counter())
     start_decode_batch(llm, args.batch, args.prompt_len, max_tokens=4,
                        threshold=args.threshold, seed=args.seed)
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         "halt_threshold": args.threshold, "router_bias": args.router_bias,
         "router_std": args.router_std, "simulated_device": args.device == "cpu",
         "loop_form": args.loop_form, "static_decode": args.static_decode,
+        "compile_chains": args.compile_chains,
         "seconds": {"build": build, "prompts": prefill, "counted_step": counted},
         "step": counts,
     }

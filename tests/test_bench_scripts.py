@@ -1,0 +1,33 @@
+"""The decode benchmarks run on any preset, including the paper's (whose config names a
+Hugging Face tokenizer no random model ships): their requests are token ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from benchmarks import decode_bench
+from benchmarks.host_overhead import token_ids_tokenizer
+from engine import LoopLM, get_preset
+
+
+def test_decode_bench_prefills_a_model_whose_config_names_a_hf_tokenizer():
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("tiny"), tokenizer="hf")
+    model = LoopLM(config).eval()
+    args = decode_bench.parse_args(["--batch", "2", "--context", "6", "--steps", "2"])
+    llm = decode_bench.prefilled(model, args, "adaptive")
+    assert llm.engine.num_running == 2
+    assert token_ids_tokenizer(model).vocab_size == config.vocab_size
+    result = decode_bench.time_decode(llm, args)
+    assert result["tokens_per_s"] > 0 and len(result["active_per_call"]) == 2
+
+
+def test_decode_bench_prints_adaptive_against_max_depth(capsys):
+    out = decode_bench.main(["--batch", "2", "--context", "6", "--steps", "2"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["flop_ratio"] == out["flop_ratio"] >= 1.0
+    assert printed["compile_chains"] is False
+    assert set(printed["adaptive"]) >= {"step_seconds", "flops_per_s", "bytes_per_s"}
