@@ -22,27 +22,17 @@ import time
 
 import torch
 
-from benchmarks.decode_bench import build_model, prefilled
+from benchmarks.decode_bench import add_model_flags, build_model, prefilled
 from benchmarks.host_overhead import count_decode_step
 from benchmarks.machine import machine_name, sync
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--context", type=int, default=32, help="prompt tokens per request")
+    add_model_flags(parser)
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
     parser.add_argument("--steps-per-round", type=int, default=4)
-    parser.add_argument("--threshold", type=float, default=0.1)
-    parser.add_argument("--router-bias", type=float, default=0.4)
-    parser.add_argument("--router-std", type=float, default=0.05)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--static-decode", default="off", choices=("auto", "on", "off"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.set_defaults(context=32, static_decode="off", threads=1)
     return parser.parse_args(argv)
 
 

@@ -31,25 +31,30 @@ from engine.runner import ModelRunner
 from model.weights import resolve_dtype
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The random model and decode batch flags (chain_fusion shares them)."""
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=64, help="prompt tokens per request")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--threshold", type=float, default=0.1)
     parser.add_argument("--router-bias", type=float, default=0.4,
                         help="router bias of the random model (0.4: mean depth near 2)")
     parser.add_argument("--router-std", type=float, default=0.05)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--sync-debug", action="store_true")
     parser.add_argument("--static-decode", default="auto", choices=("auto", "on", "off"))
-    parser.add_argument("--compile-chains", action="store_true",
-                        help="masked steps through the torch.compile'd chains (fused_chains)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_flags(parser)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--sync-debug", action="store_true")
+    parser.add_argument("--compile-chains", action="store_true",
+                        help="masked steps through the torch.compile'd chains (fused_chains)")
     return parser.parse_args(argv)
 
 

@@ -118,3 +118,31 @@ def mixed_params(count: int, max_tokens: int = 6) -> list[SamplingParams]:
     thresholds = [None, 0.0, 0.2, 0.5, 0.05]
     return [SamplingParams(max_tokens=max_tokens, halt_threshold=thresholds[i % 5],
                            max_loops=[None, 1, 2, 3][i % 4], **GREEDY) for i in range(count)]
+
+
+def count_a_decode_step(llm: LLM, prompts: list[list[int]]):
+    """Prefill greedy `prompts`, then run one decode step of the runner under `OpCounter`:
+    returns (the whole step's counter, one counter per layer run). The requests stay
+    running (step the engine to finish them)."""
+    from benchmarks.op_counts import OpCounter
+
+    engine = llm.engine
+    for prompt in prompts:
+        engine.add_request(engine.prepare(prompt, SamplingParams(max_tokens=20, **GREEDY)))
+    engine.step()  # the prefill
+    runner, in_layers = engine.runner, []
+    run_layer = runner._run_layer
+
+    def counted_layer(*args):
+        with OpCounter() as layer_counter:
+            result = run_layer(*args)
+        in_layers.append(layer_counter)
+        return result
+
+    runner._run_layer = counted_layer
+    try:
+        with OpCounter() as counter:
+            runner.fetch(runner.run(engine._pack(engine.scheduler.schedule())[0]))
+    finally:
+        del runner._run_layer
+    return counter, in_layers

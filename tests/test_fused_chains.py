@@ -21,6 +21,7 @@ from tests.helpers import (
     GREEDY,
     LogitRecorder,
     check_against_reference,
+    count_a_decode_step,
     make_model,
     mixed_params,
     random_prompts,
@@ -137,32 +138,14 @@ def test_compiled_chains_in_static_decode_buckets_equal_eager(model):
 @needs_compiler
 def test_a_compiled_masked_decode_step_launches_at_most_30_kernels_per_loop_step(
         model, compiled_llm):
-    engine = compiled_llm.engine
-    for prompt in random_prompts(6, seed=8):
-        engine.add_request(engine.prepare(prompt, SamplingParams(max_tokens=20, **GREEDY)))
-    engine.step()  # the prefill
-    runner, in_layers = engine.runner, []
-    run_layer = runner._run_layer
-
-    def counted_layer(*args):
-        with OpCounter() as layer_counter:
-            result = run_layer(*args)
-        in_layers.append(layer_counter)
-        return result
-
-    runner._run_layer = counted_layer
-    try:
-        with OpCounter() as counter:
-            runner.fetch(runner.run(engine._pack(engine.scheduler.schedule())[0]))
-    finally:
-        del runner._run_layer
+    counter, in_layers = count_a_decode_step(compiled_llm, random_prompts(6, seed=8))
     calls = model.config.n_layers * model.config.max_loops
     assert counter.syncs == 1 and counter.uploads == 1, counter.syncs_by_site
     assert sum(c.syncs for c in in_layers) == 0
     assert all(c.by_op["inductor.fused"] > 0 for c in in_layers)  # compiled, not traced
     assert sum(c.kernels for c in in_layers) / calls <= 30, in_layers[0].by_op
-    while engine.has_unfinished():
-        engine.step()
+    while compiled_llm.engine.has_unfinished():
+        compiled_llm.engine.step()
 
 
 @needs_compiler

@@ -18,6 +18,7 @@ from tests.helpers import (
     GREEDY,
     LogitRecorder,
     check_against_reference,
+    count_a_decode_step,
     make_model,
     mixed_params,
     random_prompts,
@@ -149,31 +150,15 @@ def test_survival_is_learned_from_the_steps_seen(model):
 def test_a_masked_decode_step_syncs_once_and_launches_few_kernels_per_loop_step(model):
     """The masked form has no data-dependent shape: the step uploads its inputs once and
     reads its results back once, however many (layer, step) calls it makes."""
-    from benchmarks.op_counts import OpCounter
-
     llm = engine_with(model, "masked", num_kv_blocks=128)
-    engine = llm.engine
-    for prompt in random_prompts(6, seed=8):
-        engine.add_request(engine.prepare(prompt, SamplingParams(max_tokens=20, **GREEDY)))
-    engine.step()  # the prefill
-    runner, in_layers = engine.runner, []
-    run_layer = runner._run_layer
-
-    def counted_layer(*args):
-        with OpCounter() as layer_counter:
-            result = run_layer(*args)
-        in_layers.append(layer_counter)
-        return result
-
-    runner._run_layer = counted_layer
-    with OpCounter() as counter:
-        runner.fetch(runner.run(engine._pack(engine.scheduler.schedule())[0]))
+    counter, in_layers = count_a_decode_step(llm, random_prompts(6, seed=8))
     calls = model.config.n_layers * model.config.max_loops
     assert counter.syncs == 1 and counter.uploads == 1, counter.by_op
     assert sum(c.syncs for c in in_layers) == 0
     # 36.7 per (layer, step) in this fp32 model with the hand-fused serving block, eager
     # (47.0 before the addmm, one-gather and complex-RoPE fusions, 40.3 before the fresh
-    # first step and the in-place bank softmaxes; the goal is 30)
+    # first step and the in-place bank softmaxes; the goal is 30, which the compiled
+    # chains meet: tests/test_fused_chains.py)
     assert sum(c.kernels for c in in_layers) / calls <= 37
 
 
