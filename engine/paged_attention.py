@@ -9,17 +9,76 @@ The plan is built once per engine step (block tables do not change inside a step
 by every (layer, step) call. Sequences with a single new token ("decodes") come first in
 the flat token order and are attended to in one padded, batched call; sequences with a
 chunk of several tokens get one causal call each.
+
+A call reads its rows' blocks of the plane with one `index_select` of whole blocks (each a
+contiguous [bs, 2, Hkv, hd] run) into a `GatherWorkspace` that lives as long as the runner:
+on a CPU, aten's multi-index gather costs 3.5-5x more than that, and a fresh buffer per
+call (hundreds of MB at long contexts) pays a page fault per 4 KiB it touches
+(`benchmarks/paged_gather.py` measures both).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from engine.step_upload import StepUpload
+
+
+class GatherWorkspace:
+    """The buffer every attention call gathers its k/v blocks into, reused from one call to
+    the next (each call is done with it before the next gathers: calls run in order, on
+    one stream). It grows to the largest gather seen and stays there; `None` in place of
+    a workspace gathers into a fresh tensor (what a captured CUDA graph needs: its memory
+    comes from the graph's pool). The views of each gather shape are kept too: a step's
+    calls mostly share one shape, and a view costs a CPU microsecond or two each time."""
+
+    MAX_VIEWS = 256
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
+
+    def views(self, rows: int, width: int, block: torch.Size, like: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of the buffer, of `like`'s dtype and device: [rows * width, *block] to
+        gather whole blocks into, and the same memory as [rows, width * bs, *block[1:]]."""
+        key = (rows, width, block, like.dtype, like.device)
+        hit = self._views.get(key)
+        if hit is not None:
+            return hit
+        numel = rows * width * math.prod(block)
+        buffer = self._buffer
+        if (buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype
+                or buffer.device != like.device):
+            buffer = self._buffer = like.new_empty(numel)
+            self._views.clear()
+        if len(self._views) >= self.MAX_VIEWS:
+            self._views.clear()
+        flat = buffer[:numel].view(rows * width, *block)
+        pair = self._views[key] = (flat, flat.view(rows, width * block[0], *block[1:]))
+        return pair
+
+
+def gather_blocks(cache: torch.Tensor, plane: int, blocks: torch.Tensor,
+                  workspace: GatherWorkspace | None) -> torch.Tensor:
+    """k/v of plane `plane` in the blocks `blocks` [n, W]: [n, W * bs, 2, Hkv, hd]."""
+    view = cache.select(1, plane)  # [num_blocks, bs, 2, Hkv, hd], a strided view
+    rows, width = blocks.shape
+    if workspace is None:
+        out = view.index_select(0, blocks.reshape(-1))
+        return out.view(rows, width * view.shape[1], *view.shape[2:])
+    flat, result = workspace.views(rows, width, view.shape[1:], cache)
+    torch.index_select(view, 0, blocks.reshape(-1), out=flat)
+    return result
 
 
 @dataclasses.dataclass
@@ -41,6 +100,7 @@ class AttentionPlan:
     prefill_ends: torch.Tensor  # [P] flat index one past each prefill's last token
     slice_starts: torch.Tensor  # [P + 1] flat index where decodes end and each prefill ends
     slice_bounds: list[int]  # the same, on the host
+    workspace: GatherWorkspace | None = None  # where calls gather k/v (None: fresh tensors)
 
     @staticmethod
     def pack(upload: StepUpload, block_tables: list[list[int]], starts: list[int],
@@ -63,7 +123,8 @@ class AttentionPlan:
                 "contexts": contexts[num_decodes:], "widths": widths[num_decodes:]}
 
     @classmethod
-    def build(cls, layout: dict, uploaded: dict[str, torch.Tensor]) -> AttentionPlan:
+    def build(cls, layout: dict, uploaded: dict[str, torch.Tensor],
+              workspace: GatherWorkspace | None = None) -> AttentionPlan:
         """The plan from `pack`'s layout and the uploaded tensors (no further copies)."""
         num_decodes, block_size, ends = layout["num_decodes"], layout["block_size"], \
             layout["ends"]
@@ -77,7 +138,7 @@ class AttentionPlan:
                                                              layout["contexts"], strict=True))]
         slice_starts = uploaded["slice_starts"]
         return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded,
-                   slice_starts[1:], slice_starts, ends)
+                   slice_starts[1:], slice_starts, ends, workspace)
 
     def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor | None,
                q: torch.Tensor) -> torch.Tensor:
@@ -130,7 +191,7 @@ class AttentionPlan:
         q_pad[rows, cols] = q
         pos = torch.zeros(num, longest, dtype=torch.long, device=q.device)  # pad rows: key 0
         pos[rows, cols] = self.positions[tokens]
-        kv = cache[self.prefill_blocks, plane].flatten(1, 2)  # one gather: [P, C, 2, Hkv, hd]
+        kv = gather_blocks(cache, plane, self.prefill_blocks, self.workspace)  # [P, C, 2, Hkv, hd]
         k, v = kv[:, :, 0], kv[:, :, 1]  # [P, C, Hkv, hd] views
         keys = torch.arange(k.shape[1], device=q.device)
         mask = keys[None, None, :] <= pos[:, :, None]  # [P, Lq, C]
@@ -144,7 +205,7 @@ class AttentionPlan:
         """rows [n] of the decode rows (None: all of them)."""
         blocks = self.decode_blocks if rows is None else self.decode_blocks[rows]
         valid = self.decode_key_valid if rows is None else self.decode_key_valid[rows]
-        kv = cache[blocks, plane].flatten(1, 2)  # whole blocks, one gather: [n, W*bs, 2, Hkv, hd]
+        kv = gather_blocks(cache, plane, blocks, self.workspace)  # [n, W * bs, 2, Hkv, hd]
         k, v = kv[:, :, 0], kv[:, :, 1]  # [n, W * bs, Hkv, hd] views
         mask = valid[:, None, None, :]  # [n, 1, 1, W * bs]
         out = F.scaled_dot_product_attention(
@@ -154,7 +215,8 @@ class AttentionPlan:
 
     def _attend_prefill(self, cache: torch.Tensor, plane: int, piece: PrefillSlice,
                         tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        kv = cache[piece.blocks, plane].flatten(0, 1)[:piece.context_len]  # [ctx, 2, Hkv, hd]
+        kv = gather_blocks(cache, plane, piece.blocks[None], self.workspace)
+        kv = kv[0, :piece.context_len]  # [ctx, 2, Hkv, hd]
         k, v = kv[:, 0], kv[:, 1]  # [ctx, Hkv, hd] views
         query_pos = self.positions[tokens]  # [a]
         key_pos = torch.arange(k.shape[0], device=k.device)

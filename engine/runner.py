@@ -38,7 +38,7 @@ from engine.loop_step import (
     halt_thresholds,
     masked_step,
 )
-from engine.paged_attention import AttentionPlan
+from engine.paged_attention import AttentionPlan, GatherWorkspace
 from engine.serving_block import ServingBlock, rope_table
 from engine.static_decode import StaticDecode, StaticInputs
 from engine.step_upload import StepUpload
@@ -91,6 +91,7 @@ class ModelRunner:
         # the layers' weights rearranged for serving (a snapshot: made once, here)
         self.blocks = [ServingBlock(b, model.global_bank) for b in model.layers]
         self.upload = StepUpload(model.device)
+        self.gather = GatherWorkspace()  # every eager attention call's k/v gather
         # masked steps through the fused chains (torch.compile), or loop_step's eager ones
         chains = CompiledChains() if compile_chains else None
         self.fused = [FusedLayer(b, chains) for b in self.blocks] if chains else None
@@ -170,7 +171,7 @@ class ModelRunner:
         rope = rope_table(*self.model.rotary.tables(positions))
         tokens = StepTokens(rope=rope, halt_below=inputs.halt_below,
                             blocks=inputs.slot_blocks, offsets=positions % self.block_size,
-                            plan=inputs.plan(self.block_size))
+                            plan=inputs.plan(self.block_size, self._static_workspace()))
         h = self.model.embed(inputs.token_ids)
         depths, gate_means = [], []
         for index in range(len(self.blocks)):
@@ -181,6 +182,11 @@ class ModelRunner:
             depths.append(layer.depth)
             gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
         return self.model.logits(h), torch.stack(depths, -1), torch.stack(gate_means, -2)
+
+    def _static_workspace(self) -> GatherWorkspace | None:
+        """A captured graph gathers into its own pool (a shared buffer could move after
+        capture); an eager run of the static forward shares the runner's buffer."""
+        return self.gather if self.static is not None and not self.static.capture else None
 
     def fetch(self, out: DeviceStepOutput, extra: torch.Tensor | None = None
               ) -> tuple[StepOutput, torch.Tensor | None]:
@@ -232,7 +238,7 @@ class ModelRunner:
         halt_below = halt_thresholds(uploaded["eps"], uploaded["loops"], num_steps)
         return StepTokens(rope=rope, halt_below=halt_below,
                           blocks=uploaded["slot_blocks"], offsets=positions % self.block_size,
-                          plan=AttentionPlan.build(layout, uploaded))
+                          plan=AttentionPlan.build(layout, uploaded, self.gather))
 
     def _slot_blocks(self, step: StepInput) -> list[int]:
         """The KV block each token's k/v are written to."""

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.paged_attention import AttentionPlan
+from engine.paged_attention import AttentionPlan, GatherWorkspace
 
 logger = logging.getLogger("loopserve.engine")
 
@@ -55,7 +55,7 @@ class StaticInputs:
                    decode_blocks=torch.full((rows, width), scratch_block, **long),
                    decode_contexts=torch.ones(rows, **long))
 
-    def plan(self, block_size: int) -> AttentionPlan:
+    def plan(self, block_size: int, workspace: GatherWorkspace | None) -> AttentionPlan:
         """The decode-only attention plan over these buffers (device ops only: it is built
         inside the captured forward, so the masks follow the buffers' contents)."""
         device = self.positions.device
@@ -64,7 +64,8 @@ class StaticInputs:
         empty = torch.zeros(0, 1, dtype=torch.long, device=device)
         rows = self.positions.numel()
         return AttentionPlan(rows, self.decode_blocks, valid, [], self.positions, empty,
-                             empty[:, 0], torch.full((1,), rows, device=device), [rows])
+                             empty[:, 0], torch.full((1,), rows, device=device), [rows],
+                             workspace)
 
     def fill(self, step: dict[str, torch.Tensor], rows: int, scratch_block: int) -> None:
         """The real rows from the step's uploaded tensors; the rest padding."""

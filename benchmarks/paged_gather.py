@@ -1,0 +1,145 @@
+"""The decode attention's k/v gather: how v0 read the paged pool against how it reads now.
+
+One decode attention call (`AttentionPlan._attend_decodes` of `engine/paged_attention.py`)
+reads every row's blocks of one plane out of the pool (blocks scattered over it, as a
+served pool's are) and attends. Per (batch, context) this times, in interleaved rounds:
+
+    aten_index        cache[blocks, plane]: aten's multi-index gather (v0)
+    select_fresh      index_select of whole blocks into a fresh tensor (what a captured
+                      CUDA graph does, from its own pool)
+    select_workspace  the same into the runner's reusable `GatherWorkspace` (eager steps)
+    attend_v0         aten_index + the masked SDPA
+    attend_now        the plan's call: select_workspace + the same SDPA
+
+and reports seconds per call, ratios to v0, and the gather's achieved bytes/s against the
+machine's measured copy rate (a gather reads and writes each byte once).
+
+    python -m benchmarks.paged_gather                                   # paper shapes, bf16
+    python -m benchmarks.paged_gather --batches 8 --contexts 64 --dtype fp32 --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.engine_throughput import copy_rate
+from benchmarks.machine import machine_name, sync
+from engine import get_preset
+from engine.paged_attention import AttentionPlan, GatherWorkspace, gather_blocks
+from engine.step_upload import StepUpload
+from model.weights import resolve_dtype
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper-loop3-mem")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--contexts", default="64,256,1024")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def _plan(batch: int, context: int, block_size: int, num_blocks: int, device: str,
+          workspace: GatherWorkspace) -> AttentionPlan:
+    """`batch` decodes at position context - 1, their blocks a random draw from the pool."""
+    width = -(-context // block_size)
+    picks = torch.randperm(num_blocks)[:batch * width].view(batch, width).tolist()
+    upload = StepUpload(torch.device(device))
+    upload.add("positions", [context - 1] * batch)
+    layout = AttentionPlan.pack(upload, picks, [context - 1] * batch, [1] * batch, batch,
+                                block_size)
+    return AttentionPlan.build(layout, upload.upload(), workspace)
+
+
+def _attend_v0(plan: AttentionPlan, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    kv = cache[plan.decode_blocks, 1].flatten(1, 2)  # [n, W * bs, 2, Hkv, hd]
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=plan.decode_key_valid[:, None, None, :], enable_gqa=True)  # [n, H, 1, hd]
+    return out.flatten(1)
+
+
+def _seconds(fn, device: str, calls: int) -> float:
+    """Seconds per call over `calls` calls."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def _calls_per_sample(fn, device: str, target_s: float = 0.005) -> int:
+    """Enough calls for a sample to last `target_s` (small gathers take microseconds)."""
+    once = _seconds(fn, device, 1)
+    return max(1, min(1000, round(target_s / max(once, 1e-7))))
+
+
+def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dtype) -> dict:
+    cfg = get_preset(args.preset)
+    width = -(-context // args.block_size)
+    num_blocks = batch * width + 1
+    cache = torch.randn(num_blocks, cfg.max_loops, args.block_size, 2, cfg.n_kv_heads,
+                        cfg.head_dim, device=args.device).to(dtype)
+    q = torch.randn(batch, cfg.n_heads, cfg.head_dim, device=args.device).to(dtype)
+    workspace = GatherWorkspace()
+    plan = _plan(batch, context, args.block_size, num_blocks, args.device, workspace)
+    blocks = plan.decode_blocks
+    variants = {
+        "aten_index": lambda: cache[blocks, 1],
+        "select_fresh": lambda: gather_blocks(cache, 1, blocks, None),
+        "select_workspace": lambda: gather_blocks(cache, 1, blocks, workspace),
+        "attend_v0": lambda: _attend_v0(plan, cache, q),
+        "attend_now": lambda: plan.attend(cache, 1, None, q),
+    }
+    torch.testing.assert_close(variants["attend_now"](), variants["attend_v0"](), rtol=0, atol=0)
+    calls = {name: _calls_per_sample(fn, args.device) for name, fn in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            times[name].append(_seconds(fn, args.device, calls[name]))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    gathered = blocks.numel() * cache[0, 0].numel() * cache.element_size()
+    return {"batch": batch, "context": context, "gathered_bytes": gathered,
+            "seconds": median,
+            "gather_over_v0": median["select_workspace"] / median["aten_index"],
+            "attend_over_v0": median["attend_now"] / median["attend_v0"],
+            "gather_bytes_per_s": 2 * gathered / median["select_workspace"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = resolve_dtype(args.dtype)
+    peak = copy_rate(args.device)
+    results = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for context in (int(c) for c in args.contexts.split(",")):
+            row = measure(args, batch, context, dtype)
+            row["gather_fraction_of_copy_rate"] = row["gather_bytes_per_s"] / peak
+            results.append(row)
+            print(f"batch {batch} context {context}: gather {row['gather_over_v0']:.2f}x v0, "
+                  f"attention {row['attend_over_v0']:.2f}x v0", file=sys.stderr, flush=True)
+    out = {"benchmark": "paged_gather", "machine": machine_name(args.device),
+           "device": args.device, "dtype": str(dtype), "preset": args.preset,
+           "threads": torch.get_num_threads(), "block_size": args.block_size,
+           "rounds": args.rounds, "measured_copy_bytes_per_s": peak, "results": results}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
