@@ -6,7 +6,10 @@
 #      preset, each (layer, step) form recorded, every bucket replay under
 #      torch.cuda.set_sync_debug_mode("error")
 #   3. the same dense model in loopserve and in transformers' generate
-#   4. the paper preset at batch 256 again with the elementwise chains fused by
+#   4. one decode attention call at batch 64 and 256, 1,024-token contexts: the block
+#      gather + SDPA the engine runs against FlexAttention reading the pool in place
+#      (benchmarks/paged_gather.py --flex: the data to choose the CUDA paged kernel by)
+#   5. the paper preset at batch 256 again with the elementwise chains fused by
 #      torch.compile (--compile-chains; last, as it compiles for about a minute)
 # JSON goes to $OUT (the device tool's folder) when set, else benchmarks/results/<date>-gpu.
 # Runs with the device's own python3 (torch with CUDA, transformers, pytest); it needs none
@@ -44,6 +47,8 @@ for preset in paper-loop3-mem paper-iso-flop-baseline; do
 done
 step peer 60 "$PY" -m benchmarks.peer_transformers --device cuda --dtype bf16 \
     --batch-sizes 1 8 32 64
+step paged-attention 60 "$PY" -m benchmarks.paged_gather --device cuda --dtype bf16 \
+    --batches 64,256 --contexts 1024 --rounds 3 --flex
 step decode-compiled-paper-loop3-mem-256 90 "$PY" -m benchmarks.decode_bench \
     --preset paper-loop3-mem --device cuda --dtype bf16 --batch 256 --context 1024 --steps 16 \
     --router-bias 0.4 --sync-debug --compile-chains

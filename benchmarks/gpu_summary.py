@@ -41,9 +41,22 @@ def decode_rows(folder: Path) -> list[dict]:
     return rows
 
 
+def paged_rows(folder: Path) -> list[dict]:
+    """The paged-attention step: the engine's call against FlexAttention in place."""
+    run = _load(folder / "paged-attention.json")
+    if run is None:
+        return []
+    return [{"batch": r["batch"], "context": r["context"],
+             "attend_ms": round(r["seconds"]["attend_now"] * 1e3, 3),
+             "flex_over_now": r.get("flex_over_now"), "flex_error": r.get("flex_error"),
+             "gather_fraction_of_copy_rate": round(r["gather_fraction_of_copy_rate"], 3)}
+            for r in run["results"]]
+
+
 def main(argv: list[str] | None = None) -> dict:
     folder = Path((argv or sys.argv[1:])[0])
     summary = {"decode": decode_rows(folder), "peer": _load(folder / "peer.json"),
+               "paged_attention": paged_rows(folder),
                "tests": (folder / "tests.log").read_text().strip().splitlines()[-1:]
                if (folder / "tests.log").exists() else None, "goals": GOALS}
     for row in summary["decode"]:

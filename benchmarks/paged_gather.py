@@ -10,12 +10,17 @@ served pool's are) and attends. Per (batch, context) this times, in interleaved 
     select_workspace  the same into the runner's reusable `GatherWorkspace` (eager steps)
     attend_v0         aten_index + the masked SDPA
     attend_now        the plan's call: select_workspace + the same SDPA
+    flex_in_place     (`--flex`) FlexAttention reading the pool where it lies: one layer's
+                      pool viewed as a single key sequence over (block, plane, position),
+                      a block mask of each row's blocks of the plane, the last one
+                      partial; no copy. Compiled once per shape (seconds each on a CPU).
 
 and reports seconds per call, ratios to v0, and the gather's achieved bytes/s against the
 machine's measured copy rate (a gather reads and writes each byte once).
 
     python -m benchmarks.paged_gather                                   # paper shapes, bf16
     python -m benchmarks.paged_gather --batches 8 --contexts 64 --dtype fp32 --preset tiny
+    python -m benchmarks.paged_gather --device cuda --batches 64,256 --contexts 1024 --flex
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--flex", action="store_true",
+                        help="also time FlexAttention over the pool in place (compiles)")
     return parser.parse_args(argv)
 
 
@@ -71,6 +78,44 @@ def _attend_v0(plan: AttentionPlan, cache: torch.Tensor, q: torch.Tensor) -> tor
     return out.flatten(1)
 
 
+def flex_in_place(cache: torch.Tensor, plane: int, plan: AttentionPlan, contexts: torch.Tensor):
+    """A compiled FlexAttention call over plane `plane` of `cache` in place, for the plan's
+    decode rows with `contexts` [n] positions each: returns fn(q [n, H, hd]) -> [n, H * hd].
+    The pool [nb, N, bs, 2, Hkv, hd] read as keys [1, Hkv, nb * N * bs, hd]: position s is
+    (block s // (N bs), plane s // bs % N, offset s % bs), k at 2 Hkv hd s, v Hkv hd after."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    num_blocks, planes, bs, _, hkv, hd = cache.shape
+    length = num_blocks * planes * bs
+    keys = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1))
+    values = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1),
+                              storage_offset=cache.storage_offset() + hkv * hd)
+    rows = plan.decode_blocks.shape[0]
+    width = plan.decode_blocks.shape[1]
+    phys = torch.zeros(rows, num_blocks * planes, dtype=torch.int32, device=cache.device)
+    phys[:, :width] = plan.decode_blocks * planes + plane  # [n, nb N]: the key blocks read,
+    # padded to every block of the key sequence (the mask's width must cover it)
+    used = (contexts + bs - 1) // bs  # [n] blocks each row reads, the last one partial
+    partial = torch.zeros_like(phys)  # [n, nb N]: the one partial block first
+    partial[:, :1] = phys.gather(1, (used - 1)[:, None])
+    last_offset = (contexts - 1) % bs  # [n] the last valid offset in it
+
+    def in_context(b, h, q_idx, kv_idx):
+        return kv_idx % bs <= last_offset[b]
+
+    mask = BlockMask.from_kv_blocks(
+        torch.ones(rows, 1, 1, dtype=torch.int32, device=cache.device), partial[:, None, None],
+        (used - 1).int()[:, None, None], phys[:, None, None], BLOCK_SIZE=(1, bs),
+        mask_mod=in_context, seq_lengths=(1, length), compute_q_blocks=False)
+    attend = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+
+    def call(q: torch.Tensor) -> torch.Tensor:
+        out = attend(q.unsqueeze(2), keys, values, block_mask=mask, enable_gqa=True)
+        return out.flatten(1)  # [n, H, 1, hd] -> [n, H * hd]
+
+    return call
+
+
 def _seconds(fn, device: str, calls: int) -> float:
     """Seconds per call over `calls` calls."""
     sync(device)
@@ -85,6 +130,11 @@ def _calls_per_sample(fn, device: str, target_s: float = 0.005) -> int:
     """Enough calls for a sample to last `target_s` (small gathers take microseconds)."""
     once = _seconds(fn, device, 1)
     return max(1, min(1000, round(target_s / max(once, 1e-7))))
+
+
+def _tolerance(dtype: torch.dtype) -> dict:
+    return {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4,
+                                                                           "atol": 1e-5}
 
 
 def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dtype) -> dict:
@@ -104,7 +154,17 @@ def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dty
         "attend_v0": lambda: _attend_v0(plan, cache, q),
         "attend_now": lambda: plan.attend(cache, 1, None, q),
     }
-    torch.testing.assert_close(variants["attend_now"](), variants["attend_v0"](), rtol=0, atol=0)
+    want = variants["attend_v0"]()
+    torch.testing.assert_close(variants["attend_now"](), want, rtol=0, atol=0)
+    flex_error = None
+    if args.flex:
+        try:
+            contexts = torch.full((batch,), context, device=args.device)
+            flex = flex_in_place(cache, 1, plan, contexts)
+            torch.testing.assert_close(flex(q), want, **_tolerance(dtype))
+            variants["flex_in_place"] = lambda: flex(q)
+        except Exception as exc:  # a backend that cannot run this shape: say so, go on
+            flex_error = f"{type(exc).__name__}: {str(exc)[:300]}"
     calls = {name: _calls_per_sample(fn, args.device) for name, fn in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
@@ -112,7 +172,11 @@ def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dty
             times[name].append(_seconds(fn, args.device, calls[name]))
     median = {name: statistics.median(t) for name, t in times.items()}
     gathered = blocks.numel() * cache[0, 0].numel() * cache.element_size()
-    return {"batch": batch, "context": context, "gathered_bytes": gathered,
+    extra = {} if not args.flex else {
+        "flex_error": flex_error,
+        "flex_over_now": median["flex_in_place"] / median["attend_now"]
+        if "flex_in_place" in median else None}
+    return {"batch": batch, "context": context, "gathered_bytes": gathered, **extra,
             "seconds": median,
             "gather_over_v0": median["select_workspace"] / median["aten_index"],
             "attend_over_v0": median["attend_now"] / median["attend_v0"],

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from benchmarks import decode_bench, paged_gather
+from benchmarks import decode_bench, gpu_summary, paged_gather
 from benchmarks.host_overhead import token_ids_tokenizer
 from engine import LoopLM, get_preset
 
@@ -33,13 +33,19 @@ def test_decode_bench_prints_adaptive_against_max_depth(capsys):
     assert set(printed["adaptive"]) >= {"step_seconds", "flops_per_s", "bytes_per_s"}
 
 
-def test_paged_gather_times_every_variant_and_checks_them_against_v0(capsys):
+def test_paged_gather_times_every_variant_and_checks_them_against_v0(capsys, tmp_path):
     out = paged_gather.main(["--preset", "tiny", "--dtype", "fp32", "--batches", "2",
-                             "--contexts", "20", "--rounds", "1"])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                             "--contexts", "20", "--rounds", "1", "--flex"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = json.loads(last)
     (row,) = printed["results"]
+    # FlexAttention over the pool in place agreed with v0 (else flex_error says why)
+    assert row["flex_error"] is None and row["flex_over_now"] > 0
     cfg = get_preset("tiny")  # 2 rows of 2 blocks of 16 positions, k and v, fp32
     per_block = 16 * 2 * cfg.n_kv_heads * cfg.head_dim * 4
     assert row["gathered_bytes"] == out["results"][0]["gathered_bytes"] == 2 * 2 * per_block
     assert set(row["seconds"]) == {"aten_index", "select_fresh", "select_workspace",
-                                   "attend_v0", "attend_now"}
+                                   "attend_v0", "attend_now", "flex_in_place"}
+    (tmp_path / "paged-attention.json").write_text("log line\n" + last + "\n")
+    (summary,) = gpu_summary.paged_rows(tmp_path)
+    assert summary["batch"] == 2 and summary["flex_error"] is None
