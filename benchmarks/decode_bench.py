@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sync-debug", action="store_true")
     parser.add_argument("--compile-chains", action="store_true",
                         help="masked steps through the torch.compile'd chains (fused_chains)")
+    parser.add_argument("--attention-backend", default="gather", choices=("gather", "flex"),
+                        help="decode attention: block gather + SDPA, or FlexAttention in place")
     return parser.parse_args(argv)
 
 
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     peaks = {"matmul": matmul_rate(args.device, model.dtype), "copy": copy_rate(args.device)}
     rows = {}
     for mode in ("adaptive", "max_depth"):
-        llm = prefilled(model, args, mode, compile_chains=args.compile_chains)
+        llm = prefilled(model, args, mode, compile_chains=args.compile_chains,
+                        attention_backend=args.attention_backend)
         result = time_decode(llm, args)
         result.update(rates_of(model, result, args.context))
         result["flops_fraction_of_matmul_peak"] = result["flops_per_s"] / peaks["matmul"]
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
            "dtype": str(model.dtype), "preset": args.preset, "batch": args.batch,
            "context": args.context, "steps": args.steps, "halt_threshold": args.threshold,
            "router_bias": args.router_bias, "compile_chains": args.compile_chains,
+           "attention_backend": args.attention_backend,
            "model_config": model.config.to_dict(),
            "kv_bytes_per_token": ModelRunner.kv_bytes_per_token(model),
            "measured_matmul_flops_per_s": peaks["matmul"],

@@ -9,8 +9,13 @@
 #   4. one decode attention call at batch 64 and 256, 1,024-token contexts: the block
 #      gather + SDPA the engine runs against FlexAttention reading the pool in place
 #      (benchmarks/paged_gather.py --flex: the data to choose the CUDA paged kernel by)
-#   5. the paper preset at batch 256 again with the elementwise chains fused by
-#      torch.compile (--compile-chains; last, as it compiles for about a minute)
+#   5. the paper preset at batch 256 again, decodes through FlexAttention in place
+#      (--attention-backend flex) with CUDA graphs
+#   6. the same with the elementwise chains fused by torch.compile (--compile-chains;
+#      last, as it compiles for about a minute)
+# Steps 4-6 are optional: each runs only if it can end (its timeout) within SUITE_BUDGET
+# seconds of the start (default 540, under the device tool's 600 s a command), so a slow
+# early step costs the later figures, never the whole run's JSON.
 # JSON goes to $OUT (the device tool's folder) when set, else benchmarks/results/<date>-gpu.
 # Runs with the device's own python3 (torch with CUDA, transformers, pytest); it needs none
 # of the server's packages. Usage: bash benchmarks/gpu_suite.sh
@@ -34,6 +39,15 @@ step() {  # step NAME TIMEOUT COMMAND...: run, keep its log, print its last line
     echo "$name: rc=$rc in $((SECONDS - start)) s"
 }
 
+optional() {  # optional NAME TIMEOUT COMMAND...: step, if it fits the budget
+    if (( SECONDS + $2 > ${SUITE_BUDGET:-540} )); then
+        echo "{\"skipped\": \"$1: no time left in the suite's budget\"}" > "$OUT/$1.json"
+        echo "$1: skipped (budget)"
+        return
+    fi
+    step "$@"
+}
+
 step tests 120 env LOOPSERVE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_engine.py tests/test_loop_forms.py tests/test_engine_liveness.py \
     tests/test_prompt_logprobs.py tests/test_sampler.py --junitxml "$OUT/tests.xml"
@@ -47,9 +61,12 @@ for preset in paper-loop3-mem paper-iso-flop-baseline; do
 done
 step peer 60 "$PY" -m benchmarks.peer_transformers --device cuda --dtype bf16 \
     --batch-sizes 1 8 32 64
-step paged-attention 60 "$PY" -m benchmarks.paged_gather --device cuda --dtype bf16 \
+optional paged-attention 50 "$PY" -m benchmarks.paged_gather --device cuda --dtype bf16 \
     --batches 64,256 --contexts 1024 --rounds 3 --flex
-step decode-compiled-paper-loop3-mem-256 90 "$PY" -m benchmarks.decode_bench \
+optional decode-flex-paper-loop3-mem-256 75 "$PY" -m benchmarks.decode_bench \
+    --preset paper-loop3-mem --device cuda --dtype bf16 --batch 256 --context 1024 --steps 16 \
+    --router-bias 0.4 --sync-debug --attention-backend flex
+optional decode-compiled-paper-loop3-mem-256 90 "$PY" -m benchmarks.decode_bench \
     --preset paper-loop3-mem --device cuda --dtype bf16 --batch 256 --context 1024 --steps 16 \
     --router-bias 0.4 --sync-debug --compile-chains
 "$PY" -m benchmarks.gpu_summary "$OUT"

@@ -28,6 +28,9 @@ def decode_rows(folder: Path) -> list[dict]:
         if run is None:
             rows.append({"run": path.stem, "error": "no JSON (see its .log)"})
             continue
+        if "skipped" in run:
+            rows.append({"run": path.stem, "skipped": run["skipped"]})
+            continue
         rows.append({
             "run": path.stem, "batch": run["batch"], "context": run["context"],
             "adaptive_tok_s": round(run["adaptive"]["tokens_per_s"]),
@@ -46,6 +49,8 @@ def paged_rows(folder: Path) -> list[dict]:
     run = _load(folder / "paged-attention.json")
     if run is None:
         return []
+    if "skipped" in run:
+        return [run]
     return [{"batch": r["batch"], "context": r["context"],
              "attend_ms": round(r["seconds"]["attend_now"] * 1e3, 3),
              "flex_over_now": r.get("flex_over_now"), "flex_error": r.get("flex_error"),

@@ -10,10 +10,9 @@ served pool's are) and attends. Per (batch, context) this times, in interleaved 
     select_workspace  the same into the runner's reusable `GatherWorkspace` (eager steps)
     attend_v0         aten_index + the masked SDPA
     attend_now        the plan's call: select_workspace + the same SDPA
-    flex_in_place     (`--flex`) FlexAttention reading the pool where it lies: one layer's
-                      pool viewed as a single key sequence over (block, plane, position),
-                      a block mask of each row's blocks of the plane, the last one
-                      partial; no copy. Compiled once per shape (seconds each on a CPU).
+    flex_in_place     (`--flex`) the engine's `--attention-backend flex` call
+                      (`engine/flex_paged.py`): FlexAttention reading the pool where it
+                      lies, no copy; compiled on first use (seconds on a CPU).
 
 and reports seconds per call, ratios to v0, and the gather's achieved bytes/s against the
 machine's measured copy rate (a gather reads and writes each byte once).
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from benchmarks.engine_throughput import copy_rate
 from benchmarks.machine import machine_name, sync
 from engine import get_preset
+from engine.flex_paged import FlexDecode
 from engine.paged_attention import AttentionPlan, GatherWorkspace, gather_blocks
 from engine.step_upload import StepUpload
 from model.weights import resolve_dtype
@@ -76,44 +76,6 @@ def _attend_v0(plan: AttentionPlan, cache: torch.Tensor, q: torch.Tensor) -> tor
         q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=plan.decode_key_valid[:, None, None, :], enable_gqa=True)  # [n, H, 1, hd]
     return out.flatten(1)
-
-
-def flex_in_place(cache: torch.Tensor, plane: int, plan: AttentionPlan, contexts: torch.Tensor):
-    """A compiled FlexAttention call over plane `plane` of `cache` in place, for the plan's
-    decode rows with `contexts` [n] positions each: returns fn(q [n, H, hd]) -> [n, H * hd].
-    The pool [nb, N, bs, 2, Hkv, hd] read as keys [1, Hkv, nb * N * bs, hd]: position s is
-    (block s // (N bs), plane s // bs % N, offset s % bs), k at 2 Hkv hd s, v Hkv hd after."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    num_blocks, planes, bs, _, hkv, hd = cache.shape
-    length = num_blocks * planes * bs
-    keys = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1))
-    values = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1),
-                              storage_offset=cache.storage_offset() + hkv * hd)
-    rows = plan.decode_blocks.shape[0]
-    width = plan.decode_blocks.shape[1]
-    phys = torch.zeros(rows, num_blocks * planes, dtype=torch.int32, device=cache.device)
-    phys[:, :width] = plan.decode_blocks * planes + plane  # [n, nb N]: the key blocks read,
-    # padded to every block of the key sequence (the mask's width must cover it)
-    used = (contexts + bs - 1) // bs  # [n] blocks each row reads, the last one partial
-    partial = torch.zeros_like(phys)  # [n, nb N]: the one partial block first
-    partial[:, :1] = phys.gather(1, (used - 1)[:, None])
-    last_offset = (contexts - 1) % bs  # [n] the last valid offset in it
-
-    def in_context(b, h, q_idx, kv_idx):
-        return kv_idx % bs <= last_offset[b]
-
-    mask = BlockMask.from_kv_blocks(
-        torch.ones(rows, 1, 1, dtype=torch.int32, device=cache.device), partial[:, None, None],
-        (used - 1).int()[:, None, None], phys[:, None, None], BLOCK_SIZE=(1, bs),
-        mask_mod=in_context, seq_lengths=(1, length), compute_q_blocks=False)
-    attend = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-
-    def call(q: torch.Tensor) -> torch.Tensor:
-        out = attend(q.unsqueeze(2), keys, values, block_mask=mask, enable_gqa=True)
-        return out.flatten(1)  # [n, H, 1, hd] -> [n, H * hd]
-
-    return call
 
 
 def _seconds(fn, device: str, calls: int) -> float:
@@ -159,10 +121,14 @@ def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dty
     flex_error = None
     if args.flex:
         try:
-            contexts = torch.full((batch,), context, device=args.device)
-            flex = flex_in_place(cache, 1, plan, contexts)
-            torch.testing.assert_close(flex(q), want, **_tolerance(dtype))
-            variants["flex_in_place"] = lambda: flex(q)
+            flex = FlexDecode(torch.device(args.device), batch)
+            contexts = plan.decode_contexts
+
+            def in_place():
+                return flex.attend(cache, 1, blocks, contexts, q)
+
+            torch.testing.assert_close(in_place(), want, **_tolerance(dtype))
+            variants["flex_in_place"] = in_place
         except Exception as exc:  # a backend that cannot run this shape: say so, go on
             flex_error = f"{type(exc).__name__}: {str(exc)[:300]}"
     calls = {name: _calls_per_sample(fn, args.device) for name, fn in variants.items()}

@@ -11,6 +11,7 @@ from engine.errors import ConfigError
 MODES = ("adaptive", "max_depth")
 LOOP_FORMS = ("auto", "masked", "compacted")
 STATIC_DECODE = ("auto", "on", "off")
+ATTENTION_BACKENDS = ("gather", "flex")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class EngineConfig:
     static_decode: str = "auto"
     # masked loop steps through torch.compile'd chains (fewer kernels; compiles at start-up)
     compile_chains: bool = False
+    # decode attention: gather (each row's blocks copied, then SDPA) or flex (FlexAttention
+    # reading the pool in place; compiled at start-up); prefill chunks gather either way
+    attention_backend: str = "gather"
     seed: int = 0
     num_threads: int | None = None  # CPU threads of torch (process-wide); None: torch's choice
 
@@ -60,6 +64,9 @@ class EngineConfig:
         if not isinstance(self.compile_chains, bool):
             raise ConfigError(f"compile_chains must be true or false, got "
                               f"{self.compile_chains!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
+                              f"got {self.attention_backend!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got "
                               f"{self.scheduling_policy!r}")

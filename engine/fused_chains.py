@@ -226,6 +226,13 @@ _NOT_LAUNCHES = frozenset({"aten::empty", "aten::empty_strided", "aten::as_strid
                            "aten::alias", "aten::t", "aten::transpose", "aten::reshape"})
 
 
+def require_compiler(what: str, instead: str) -> None:
+    """torch.compile on a CPU builds C++: without a compiler, `what` ends start-up."""
+    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++", "gcc", "cc")):
+        raise ConfigError(f"{what} needs a C/C++ compiler on PATH for torch.compile "
+                          f"(install g++), or {instead}")
+
+
 class CompiledChains:
     """`pre_attention`, `post_attention` and `first_post_attention` under `torch.compile`
     (dynamic row counts, one graph per variant shared by every layer; `ModelRunner` warms
@@ -234,9 +241,7 @@ class CompiledChains:
     def __init__(self) -> None:
         import torch._inductor.config as inductor_config
 
-        if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++", "gcc", "cc")):
-            raise ConfigError("compile_chains needs a C/C++ compiler on PATH for "
-                              "torch.compile (install g++), or run without --compile-chains")
+        require_compiler("compile_chains", "run without --compile-chains")
         # each fused CPU kernel marks itself for the profiler (what `count_launches` reads)
         inductor_config.cpp.enable_kernel_profile = True
         self.pre = self._wrap(pre_attention)
@@ -246,20 +251,26 @@ class CompiledChains:
     @staticmethod
     def _wrap(fn: Callable) -> Callable:
         # automatic dynamic shapes: a second row count makes the row dimension symbolic
-        compiled = torch.compile(fn, fullgraph=True)
+        return counted(torch.compile(fn, fullgraph=True))
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if not _LISTENERS:
-                return compiled(*args, **kwargs)
-            with _modes_suspended(), torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                result = compiled(*args, **kwargs)
-            launches = _graph_kernels(prof.events())
-            for report in list(_LISTENERS):
-                report(launches)
-            return result
 
-        return call
+def counted(compiled: Callable) -> Callable:
+    """`compiled` (a torch.compile'd function), reporting its launches to `count_launches`'
+    listeners while any listen. Modes are suspended for the call, so syncs inside it are not
+    seen: fullgraph compilation leaves none (a host read would be a graph break)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not _LISTENERS:
+            return compiled(*args, **kwargs)
+        with _modes_suspended(), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = compiled(*args, **kwargs)
+        launches = _graph_kernels(prof.events())
+        for report in list(_LISTENERS):
+            report(launches)
+        return result
+
+    return call
 
 
 def _graph_kernels(events: Any) -> list[str]:

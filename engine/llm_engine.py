@@ -96,7 +96,8 @@ class LLMEngine:
                                   static_decode=self._static_decode(model),
                                   max_num_seqs=self.config.max_num_seqs,
                                   max_model_len=self.max_model_len,
-                                  compile_chains=self.config.compile_chains)
+                                  compile_chains=self.config.compile_chains,
+                                  attention_backend=self.config.attention_backend)
         self.sampler = Sampler(self.config.seed)
         self.flop_table = FlopTable(model.config)
         self.stats_callback = stats_callback

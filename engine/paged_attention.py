@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.flex_paged import FlexDecode
 from engine.step_upload import StepUpload
 
 
@@ -100,7 +101,9 @@ class AttentionPlan:
     prefill_ends: torch.Tensor  # [P] flat index one past each prefill's last token
     slice_starts: torch.Tensor  # [P + 1] flat index where decodes end and each prefill ends
     slice_bounds: list[int]  # the same, on the host
+    decode_contexts: torch.Tensor | None = None  # [S_d] positions each decode attends to
     workspace: GatherWorkspace | None = None  # where calls gather k/v (None: fresh tensors)
+    flex: FlexDecode | None = None  # decodes read the pool in place (no gather) when set
 
     @staticmethod
     def pack(upload: StepUpload, block_tables: list[list[int]], starts: list[int],
@@ -124,7 +127,8 @@ class AttentionPlan:
 
     @classmethod
     def build(cls, layout: dict, uploaded: dict[str, torch.Tensor],
-              workspace: GatherWorkspace | None = None) -> AttentionPlan:
+              workspace: GatherWorkspace | None = None, flex: FlexDecode | None = None
+              ) -> AttentionPlan:
         """The plan from `pack`'s layout and the uploaded tensors (no further copies)."""
         num_decodes, block_size, ends = layout["num_decodes"], layout["block_size"], \
             layout["ends"]
@@ -138,7 +142,8 @@ class AttentionPlan:
                                                              layout["contexts"], strict=True))]
         slice_starts = uploaded["slice_starts"]
         return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded,
-                   slice_starts[1:], slice_starts, ends, workspace)
+                   slice_starts[1:], slice_starts, ends, uploaded["decode_contexts"],
+                   workspace, flex)
 
     def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor | None,
                q: torch.Tensor) -> torch.Tensor:
@@ -204,6 +209,9 @@ class AttentionPlan:
                         q: torch.Tensor) -> torch.Tensor:
         """rows [n] of the decode rows (None: all of them)."""
         blocks = self.decode_blocks if rows is None else self.decode_blocks[rows]
+        if self.flex is not None:
+            contexts = self.decode_contexts if rows is None else self.decode_contexts[rows]
+            return self.flex.attend(cache, plane, blocks, contexts, q)
         valid = self.decode_key_valid if rows is None else self.decode_key_valid[rows]
         kv = gather_blocks(cache, plane, blocks, self.workspace)  # [n, W * bs, 2, Hkv, hd]
         k, v = kv[:, :, 0], kv[:, :, 1]  # [n, W * bs, Hkv, hd] views

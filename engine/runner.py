@@ -26,6 +26,7 @@ import torch
 
 from engine.block_manager import BlockCopy
 from engine.errors import ConfigError
+from engine.flex_paged import FlexDecode
 from engine.form_policy import COMPACTED, FormPolicy, calibrate
 from engine.fused_chains import CompiledChains
 from engine.fused_step import FusedLayer
@@ -83,7 +84,7 @@ class ModelRunner:
                  max_depth: bool = False, loop_form: str = "auto",
                  calibration_rows: int = 256, static_decode: bool = False,
                  max_num_seqs: int = 64, max_model_len: int | None = None,
-                 compile_chains: bool = False) -> None:
+                 compile_chains: bool = False, attention_backend: str = "gather") -> None:
         self.model = model
         self.config = model.config
         self.block_size = block_size
@@ -92,6 +93,9 @@ class ModelRunner:
         self.blocks = [ServingBlock(b, model.global_bank) for b in model.layers]
         self.upload = StepUpload(model.device)
         self.gather = GatherWorkspace()  # every eager attention call's k/v gather
+        # decodes through FlexAttention over the pool in place (None: they gather)
+        self.flex = FlexDecode(model.device, max_num_seqs) if attention_backend == "flex" \
+            else None
         # masked steps through the fused chains (torch.compile), or loop_step's eager ones
         chains = CompiledChains() if compile_chains else None
         self.fused = [FusedLayer(b, chains) for b in self.blocks] if chains else None
@@ -111,6 +115,13 @@ class ModelRunner:
                 raise ConfigError(f"compile_chains: torch.compile failed at start-up "
                                   f"({type(exc).__name__}: {exc}); run without "
                                   f"--compile-chains") from exc
+        if self.flex is not None:
+            try:  # before any graph capture, as the chains
+                self._warm_up_flex()
+            except Exception as exc:
+                raise ConfigError(f"attention_backend 'flex': torch.compile failed at "
+                                  f"start-up ({type(exc).__name__}: {exc}); run with "
+                                  f"--attention-backend gather") from exc
         self.static = None
         if static_decode:
             width = -(-(max_model_len or cfg.max_position) // block_size)
@@ -171,7 +182,8 @@ class ModelRunner:
         rope = rope_table(*self.model.rotary.tables(positions))
         tokens = StepTokens(rope=rope, halt_below=inputs.halt_below,
                             blocks=inputs.slot_blocks, offsets=positions % self.block_size,
-                            plan=inputs.plan(self.block_size, self._static_workspace()))
+                            plan=inputs.plan(self.block_size, self._static_workspace(),
+                                             self.flex))
         h = self.model.embed(inputs.token_ids)
         depths, gate_means = [], []
         for index in range(len(self.blocks)):
@@ -238,7 +250,7 @@ class ModelRunner:
         halt_below = halt_thresholds(uploaded["eps"], uploaded["loops"], num_steps)
         return StepTokens(rope=rope, halt_below=halt_below,
                           blocks=uploaded["slot_blocks"], offsets=positions % self.block_size,
-                          plan=AttentionPlan.build(layout, uploaded, self.gather))
+                          plan=AttentionPlan.build(layout, uploaded, self.gather, self.flex))
 
     def _slot_blocks(self, step: StepInput) -> list[int]:
         """The KV block each token's k/v are written to."""
@@ -283,6 +295,19 @@ class ModelRunner:
             layer = self._first_masked(0, tokens, self.model.embed(uploaded["token_ids"]))
             for t in range(2, cfg.max_loops + 1):
                 self._masked(0, tokens, layer, t)
+
+    @torch.inference_mode()
+    def _warm_up_flex(self) -> None:
+        """Compile the flex kernel now: one decode row, then two (one graph for a single
+        row, one for any number), over the scratch block of layer 0's pool."""
+        cfg, cache = self.config, self.kv_caches[0]
+        scratch = cache.shape[0] - 1
+        for rows in (1, 2):
+            blocks = torch.full((rows, 1), scratch, dtype=torch.long, device=cache.device)
+            contexts = torch.ones(rows, dtype=torch.long, device=cache.device)
+            q = torch.zeros(rows, cfg.n_heads, cfg.head_dim, dtype=cache.dtype,
+                            device=cache.device)
+            self.flex.attend(cache, 0, blocks, contexts, q)
 
     def _first_masked(self, index: int, tokens: StepTokens, h: torch.Tensor) -> LayerState:
         if self.fused is not None:

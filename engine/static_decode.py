@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from engine.flex_paged import FlexDecode
 from engine.paged_attention import AttentionPlan, GatherWorkspace
 
 logger = logging.getLogger("loopserve.engine")
@@ -55,7 +56,8 @@ class StaticInputs:
                    decode_blocks=torch.full((rows, width), scratch_block, **long),
                    decode_contexts=torch.ones(rows, **long))
 
-    def plan(self, block_size: int, workspace: GatherWorkspace | None) -> AttentionPlan:
+    def plan(self, block_size: int, workspace: GatherWorkspace | None,
+             flex: FlexDecode | None) -> AttentionPlan:
         """The decode-only attention plan over these buffers (device ops only: it is built
         inside the captured forward, so the masks follow the buffers' contents)."""
         device = self.positions.device
@@ -65,7 +67,7 @@ class StaticInputs:
         rows = self.positions.numel()
         return AttentionPlan(rows, self.decode_blocks, valid, [], self.positions, empty,
                              empty[:, 0], torch.full((1,), rows, device=device), [rows],
-                             workspace)
+                             self.decode_contexts, workspace, flex)
 
     def fill(self, step: dict[str, torch.Tensor], rows: int, scratch_block: int) -> None:
         """The real rows from the step's uploaded tensors; the rest padding."""

@@ -105,6 +105,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
          "(buckets on any device, eager without CUDA) or off (every step eager)", "auto")
     _add(p, "--compile-chains", "fuse the masked loop step's elementwise chains with "
          "torch.compile (fewer kernels; compiles at start-up)", type_=None)
+    _add(p, "--attention-backend", "decode attention: gather (rows' blocks copied, then "
+         "SDPA) or flex (FlexAttention over the KV pool in place; compiles at start-up)",
+         "gather", choices=["gather", "flex"])
     _add(p, "--max-num-seqs", "most requests in the running batch", 64, int)
     _add(p, "--max-num-batched-tokens", "token budget of one engine step", 1024, int)
     _add(p, "--max-model-len", "context length (default: the model's max_position)", None, int)
@@ -142,6 +145,7 @@ def settings_from(args: argparse.Namespace) -> tuple[ServerSettings, EngineConfi
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
         gpu_memory_utilization=args.gpu_memory_utilization, loop_form=args.loop_form,
         static_decode=args.static_decode, compile_chains=args.compile_chains,
+        attention_backend=args.attention_backend,
         scheduling_policy=args.scheduling_policy,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,

@@ -49,3 +49,14 @@ def test_paged_gather_times_every_variant_and_checks_them_against_v0(capsys, tmp
     (tmp_path / "paged-attention.json").write_text("log line\n" + last + "\n")
     (summary,) = gpu_summary.paged_rows(tmp_path)
     assert summary["batch"] == 2 and summary["flex_error"] is None
+
+
+def test_gpu_summary_reports_skipped_and_failed_steps(tmp_path):
+    skipped = '{"skipped": "decode-flex: no time left in the suite\'s budget"}\n'
+    (tmp_path / "decode-flex-paper-loop3-mem-256.json").write_text(skipped)
+    (tmp_path / "decode-paper-loop3-mem-64.json").write_text("Traceback (most recent call last)\n")
+    (tmp_path / "paged-attention.json").write_text(skipped)
+    summary = gpu_summary.main([str(tmp_path)])
+    flex, failed = summary["decode"]  # sorted by name
+    assert flex["skipped"].startswith("decode-flex") and "error" in failed
+    assert summary["paged_attention"][0]["skipped"]

@@ -239,3 +239,15 @@ def test_flags_come_from_the_environment(monkeypatch):
     assert not config.enable_prefix_caching and config.mode == "max_depth"
     monkeypatch.delenv("LOOPSERVE_MAX_QUEUE")  # without it, the flag's default again
     assert settings_from(build_parser().parse_args([]))[0].max_queue != 7
+
+
+def test_engine_flags_reach_the_engine_config(capsys):
+    from server.cli import build_parser, settings_from
+
+    args = build_parser().parse_args(["--attention-backend", "flex", "--compile-chains"])
+    _, config = settings_from(args)
+    assert config.attention_backend == "flex" and config.compile_chains
+    assert settings_from(build_parser().parse_args([]))[1].attention_backend == "gather"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--attention-backend", "paged"])
+    assert "invalid choice: 'paged'" in capsys.readouterr().err

@@ -1,0 +1,133 @@
+"""Decode attention through FlexAttention over the pool in place (`engine/flex_paged.py`,
+`--attention-backend flex`): one call equals the gather path for any block table, and the
+engine through it equals the reference forward (greedy tokens identical, logits within
+1e-4 in fp32) in every loop form, through chunked prefill, preemption, prefix hits and the
+static decode buckets, with no host sync of its own."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from engine.errors import ConfigError
+from engine.flex_paged import FlexDecode
+from engine.llm import LLM
+from engine.paged_attention import gather_blocks
+from engine.sampling_params import SamplingParams
+from tests.helpers import (
+    GREEDY,
+    LogitRecorder,
+    check_against_reference,
+    count_a_decode_step,
+    make_model,
+    mixed_params,
+    random_prompts,
+)
+from tests.test_loop_forms import FORMS
+
+pytestmark = pytest.mark.skipif(not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
+                                reason="torch.compile on CPU needs a C++ compiler")
+
+
+def _gathered(cache: torch.Tensor, plane: int, blocks: torch.Tensor, contexts: torch.Tensor,
+              q: torch.Tensor) -> torch.Tensor:
+    """The gather path's arithmetic: [n, H * hd]."""
+    kv = gather_blocks(cache, plane, blocks, None)
+    valid = torch.arange(kv.shape[1])[None, :] < contexts[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+        attn_mask=valid[:, None, None, :], enable_gqa=True)
+    return out.flatten(1)
+
+
+@pytest.mark.parametrize("block_size, dtype", [(4, torch.float32), (8, torch.bfloat16)])
+def test_one_call_equals_the_gather_path(block_size, dtype):
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(30, 3, block_size, 2, 2, 8, generator=gen).to(dtype)
+    # row 0 ends on a block boundary, rows 1 and 2 share their first block (a prefix hit),
+    # row 3 reads one position; rows padded with block 0 past their blocks
+    blocks = torch.tensor([[5, 9, 2], [7, 11, 0], [7, 4, 13], [21, 0, 0]])
+    contexts = torch.tensor([3 * block_size, block_size + 1, 2 * block_size + 3, 1])
+    q = torch.randn(4, 4, 8, generator=gen).to(dtype)
+    flex = FlexDecode(torch.device("cpu"), 8)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2,
+                                                                            "atol": 2e-2}
+    for plane in range(3):
+        torch.testing.assert_close(flex.attend(cache, plane, blocks, contexts, q),
+                                   _gathered(cache, plane, blocks, contexts, q), **tolerance)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def flex_llm(model):
+    return LLM(model, block_size=4, num_kv_blocks=128, attention_backend="flex")
+
+
+@pytest.mark.parametrize("form", ["masked", "compacted", "random"])
+def test_flex_decodes_equal_the_reference_in_every_loop_form(model, flex_llm, form):
+    policy = flex_llm.engine.runner.policy
+    policy.form, chosen = FORMS[form], policy.form
+    try:
+        check_against_reference(model, flex_llm, random_prompts(8, seed=1), mixed_params(8),
+                                LogitRecorder(flex_llm))
+    finally:
+        policy.form = chosen
+
+
+def test_flex_through_chunked_prefill_preemption_and_prefix_hits(model, flex_llm):
+    llm = LLM(model, block_size=4, num_kv_blocks=16, max_num_batched_tokens=7,
+              attention_backend="flex")
+    check_against_reference(model, llm, random_prompts(6, seed=2, low=8, high=24),
+                            mixed_params(6, max_tokens=8), LogitRecorder(llm))
+    assert llm.engine.scheduler.num_preemptions > 0
+    shared = random_prompts(1, seed=4, low=21, high=22)[0]
+    params = [SamplingParams(max_tokens=5, halt_threshold=0.2, **GREEDY)] * 3
+    check_against_reference(model, flex_llm, [shared + [i, 2] for i in range(3)], params)
+    assert flex_llm.engine.block_manager.prefix_hits > 0
+
+
+def test_flex_in_static_decode_buckets_equals_gather(model):
+    prompts = random_prompts(7, seed=12, low=3, high=30)
+    params = [SamplingParams(max_tokens=3 + 4 * (i % 3), halt_threshold=[None, 0.3, 0.0][i % 3],
+                             max_loops=[None, 2][i % 2], **GREEDY) for i in range(7)]
+    gather = LLM(model, num_kv_blocks=128, block_size=4, max_num_seqs=8, static_decode="off")
+    flex = LLM(model, num_kv_blocks=128, block_size=4, max_num_seqs=8, static_decode="on",
+               max_num_batched_tokens=16, attention_backend="flex")
+    expected = [o.token_ids for o in gather.generate(prompts, params)]
+    assert [o.token_ids for o in flex.generate(prompts, params)] == expected
+    assert flex.engine.runner.static.replays > 0
+
+
+def test_a_masked_flex_decode_step_still_syncs_once(model, flex_llm):
+    policy = flex_llm.engine.runner.policy
+    policy.form, chosen = FORMS["masked"], policy.form
+    try:
+        counter, in_layers = count_a_decode_step(flex_llm, random_prompts(6, seed=8))
+        while flex_llm.engine.has_unfinished():
+            flex_llm.engine.step()
+    finally:
+        policy.form = chosen
+    assert counter.syncs == 1 and counter.uploads == 1, counter.syncs_by_site
+    assert sum(c.syncs for c in in_layers) == 0
+
+
+def test_attention_backend_is_validated_and_failures_name_the_flag(monkeypatch):
+    with pytest.raises(ConfigError, match=r"attention_backend must be one of \['gather', 'flex'\]"):
+        LLM(make_model(), attention_backend="paged")
+    with monkeypatch.context() as patch:
+        patch.setattr("engine.fused_chains.shutil.which", lambda name: None)
+        with pytest.raises(ConfigError, match="needs a C/C.. compiler.*--attention-backend gather"):
+            LLM(make_model(), attention_backend="flex")
+
+    def broken(self):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr("engine.runner.ModelRunner._warm_up_flex", broken)
+    with pytest.raises(ConfigError, match="inductor exploded.*--attention-backend gather"):
+        LLM(make_model(), attention_backend="flex")
