@@ -12,8 +12,9 @@
 # The `-runtime` flavour would ship a second copy of cuBLAS and friends (gigabytes) that
 # torch never loads. The host needs an NVIDIA driver that supports CUDA 13.0 (>= 580).
 # The CPU variant takes torch from PyTorch's CPU wheel index, so no CUDA bytes at all.
-# No C/C++ compiler is installed, so `--compile-chains` (torch.compile) is not available in
-# this image: the server refuses it at start-up with a message saying why.
+# No C/C++ compiler is installed, so `--compile-chains` and `--attention-backend flex`
+# (torch.compile: C++ on a CPU, Triton launchers on a GPU) are not available in this
+# image: the server refuses them at start-up with a message saying why.
 
 ARG VARIANT=cuda
 ARG CUDA_BASE=nvidia/cuda:13.0.2-base-ubuntu24.04

@@ -58,10 +58,11 @@ class FlexDecode:
     """The decode rows' attention of one (layer, plane) through the compiled FlexAttention."""
 
     def __init__(self, device: torch.device, max_rows: int) -> None:
+        # inductor builds C++ on a CPU, and Triton its launchers with a C compiler on a GPU
+        require_compiler("attention_backend 'flex'", "--attention-backend gather")
         if device.type == "cpu":
             import torch._inductor.config as inductor_config
 
-            require_compiler("attention_backend 'flex'", "--attention-backend gather")
             inductor_config.cpp.enable_kernel_profile = True
         if max_rows > MAX_ROWS:
             raise ConfigError(f"attention_backend 'flex' takes at most {MAX_ROWS} decode "

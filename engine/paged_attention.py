@@ -12,9 +12,10 @@ chunk of several tokens get one causal call each.
 
 A call reads its rows' blocks of the plane with one `index_select` of whole blocks (each a
 contiguous [bs, 2, Hkv, hd] run) into a `GatherWorkspace` that lives as long as the runner:
-on a CPU, aten's multi-index gather costs 3.5-5x more than that, and a fresh buffer per
-call (hundreds of MB at long contexts) pays a page fault per 4 KiB it touches
-(`benchmarks/paged_gather.py` measures both).
+on a CPU, aten's multi-index gather into a fresh buffer costs 2-6x more (it computes each
+element's offset, and a fresh buffer of hundreds of MB at long contexts pays a page fault
+per 4 KiB it touches; `benchmarks/paged_gather.py` measures both). With a `FlexDecode`
+(`--attention-backend flex`) the decode calls read the pool in place instead.
 """
 
 from __future__ import annotations
