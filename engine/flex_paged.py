@@ -7,8 +7,15 @@ s // bs % N, offset s % bs), and both k (at 2 Hkv hd s) and v (Hkv hd further) h
 uniform stride, so `as_strided` views them without a copy. A decode row of plane t reads
 the key blocks `block * N + t` of its block table: all but its last are full (no mask
 evaluated), the last is partial, masked to offsets up to (context - 1) % bs. The block
-mask carries these per call (device tensors, no host sync), so the call is capturable in a
-CUDA graph; prefill chunks keep the gather path of `engine/paged_attention.py`.
+mask carries these per call as device tensors, built without a host sync (the CPU tests
+count none), as a CUDA graph needs: capture is not yet verified on a GPU. Prefill chunks
+keep the gather path of `engine/paged_attention.py`.
+
+Cost to measure on a GPU: inductor asserts the mask's key width spans the whole key
+sequence, so each call writes two [n, num_blocks * N] int32 index tensors, mostly padding:
+at an H200-sized pool (about 70k blocks of 16, 3 planes) and 256 rows that is ~0.4 GB a
+call. A narrower mask (a strided view over the [n, W] tables, or larger key blocks) is the
+next thing to try there.
 
 The compiled kernel is one per process (dynamic row counts; a new pool shape, dtype or
 block size compiles again): its mask reads one module-level offsets buffer per device, since
