@@ -11,11 +11,11 @@ mask carries these per call as device tensors, built without a host sync (the CP
 count none), as a CUDA graph needs: capture is not yet verified on a GPU. Prefill chunks
 keep the gather path of `engine/paged_attention.py`.
 
-Cost to measure on a GPU: inductor asserts the mask's key width spans the whole key
-sequence, so each call writes two [n, num_blocks * N] int32 index tensors, mostly padding:
-at an H200-sized pool (about 70k blocks of 16, 3 planes) and 256 rows that is ~0.4 GB a
-call. A narrower mask (a strided view over the [n, W] tables, or larger key blocks) is the
-next thing to try there.
+Inductor asserts that the mask's key width spans the whole key sequence (num_blocks * N
+blocks), though a row only reads its first W. Dense, that would be two [n, num_blocks * N]
+index tensors a call (~0.4 GB at an H200-sized pool and 256 rows); instead each is a
+strided view of its [n, W] rows that reads on into the next row and a zero tail past the
+last: num_blocks * N + n * W entries, and only the first W of a row are ever read.
 
 The compiled kernel is one per process (dynamic row counts; a new pool shape, dtype or
 block size compiles again): its mask reads one module-level offsets buffer per device, since
@@ -61,6 +61,15 @@ def _mask_mod(device: torch.device, block_size: int):
     return in_partial_block
 
 
+def _spanning(table: torch.Tensor, span: int) -> torch.Tensor:
+    """[n, w] index rows as a [n, 1, 1, span] view (span >= w): row i's entries first, then
+    row i + 1's and a zero tail, never read (each row's count stays within its w)."""
+    rows, width = table.shape
+    flat = table.new_zeros(rows * width + span)
+    flat[:rows * width] = table.reshape(-1)
+    return flat.as_strided((rows, 1, 1, span), (width, 1, 1, 1))
+
+
 class FlexDecode:
     """The decode rows' attention of one (layer, plane) through the compiled FlexAttention."""
 
@@ -89,16 +98,14 @@ class FlexDecode:
         values = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1),
                                   storage_offset=cache.storage_offset() + hkv * hd)
         used = (contexts + bs - 1) // bs  # [n] blocks read, the last one partial
-        # the mask's key width must cover the whole key sequence: pad with block 0, unread
-        full = blocks.new_zeros(rows, num_blocks * planes, dtype=torch.int32)  # [n, nb N]
-        full[:, :width] = blocks * planes + plane
-        partial = torch.zeros_like(full)  # [n, nb N]: the partial block first
-        partial[:, :1] = full.gather(1, (used - 1)[:, None])
+        keyed = (blocks * planes + plane).to(torch.int32)  # [n, W] key blocks of the plane
+        partial = keyed.gather(1, (used - 1)[:, None])  # [n, 1]
         _offsets(cache.device)[:rows] = (contexts - 1) % bs
+        span = num_blocks * planes
         mask = BlockMask.from_kv_blocks(
             torch.ones(rows, 1, 1, dtype=torch.int32, device=cache.device),
-            partial[:, None, None], (used - 1).to(torch.int32)[:, None, None],
-            full[:, None, None], BLOCK_SIZE=(1, bs), mask_mod=_mask_mod(cache.device, bs),
+            _spanning(partial, span), (used - 1).to(torch.int32)[:, None, None],
+            _spanning(keyed, span), BLOCK_SIZE=(1, bs), mask_mod=_mask_mod(cache.device, bs),
             seq_lengths=(1, length), compute_q_blocks=False)
         out = _compiled()(q.unsqueeze(2), keys, values, block_mask=mask, enable_gqa=True)
         return out.flatten(1)  # [n, H, 1, hd] -> [n, H * hd]

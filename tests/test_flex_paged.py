@@ -131,3 +131,13 @@ def test_attention_backend_is_validated_and_failures_name_the_flag(monkeypatch):
     monkeypatch.setattr("engine.runner.ModelRunner._warm_up_flex", broken)
     with pytest.raises(ConfigError, match="inductor exploded.*--attention-backend gather"):
         LLM(make_model(), attention_backend="flex")
+
+
+def test_the_mask_rows_span_the_key_sequence_as_views_of_the_tables():
+    from engine.flex_paged import _spanning
+
+    table = torch.arange(6, dtype=torch.int32).view(3, 2)
+    view = _spanning(table, 10)
+    assert view.shape == (3, 1, 1, 10)
+    assert torch.equal(view[:, 0, 0, :2], table)  # every row's own entries come first
+    assert view.untyped_storage().nbytes() == (6 + 10) * 4  # not 3 x 10
