@@ -24,6 +24,7 @@ a mask closing over a per-engine tensor recompiles for every engine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -70,6 +71,16 @@ def _spanning(table: torch.Tensor, span: int) -> torch.Tensor:
     return flat.as_strided((rows, 1, 1, span), (width, 1, 1, 1))
 
 
+@dataclasses.dataclass
+class FlexMask:
+    """What one set of decode rows reads of one plane: the block mask and each row's last
+    valid offset in its partial block. It depends on the block tables, not on the layer,
+    so a step builds it once per plane and every layer's call reuses it."""
+
+    mask: object  # torch.nn.attention.flex_attention.BlockMask
+    offsets: torch.Tensor  # [n] long
+
+
 class FlexDecode:
     """The decode rows' attention of one (layer, plane) through the compiled FlexAttention."""
 
@@ -84,28 +95,35 @@ class FlexDecode:
             raise ConfigError(f"attention_backend 'flex' takes at most {MAX_ROWS} decode "
                               f"rows a step, got max_num_seqs {max_rows}")
 
-    def attend(self, cache: torch.Tensor, plane: int, blocks: torch.Tensor,
-               contexts: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Attention [n, H * hd] of queries q [n, H, hd] over plane `plane` of `cache`, row i
-        reading blocks[i] [W] (padded past its blocks) up to position contexts[i] - 1."""
+    @staticmethod
+    def mask(cache: torch.Tensor, plane: int, blocks: torch.Tensor, contexts: torch.Tensor
+             ) -> FlexMask:
+        """Rows reading plane `plane` of a pool shaped like `cache`: row i reads blocks[i]
+        [W] (padded past its blocks) up to position contexts[i] - 1."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        num_blocks, planes, bs, _, hkv, hd = cache.shape
-        rows, width = blocks.shape
-        length = num_blocks * planes * bs
-        keys = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1),
-                                storage_offset=cache.storage_offset())
-        values = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1),
-                                  storage_offset=cache.storage_offset() + hkv * hd)
+        num_blocks, planes, bs = cache.shape[:3]
+        rows = blocks.shape[0]
         used = (contexts + bs - 1) // bs  # [n] blocks read, the last one partial
         keyed = (blocks * planes + plane).to(torch.int32)  # [n, W] key blocks of the plane
         partial = keyed.gather(1, (used - 1)[:, None])  # [n, 1]
-        _offsets(cache.device)[:rows] = (contexts - 1) % bs
         span = num_blocks * planes
         mask = BlockMask.from_kv_blocks(
             torch.ones(rows, 1, 1, dtype=torch.int32, device=cache.device),
             _spanning(partial, span), (used - 1).to(torch.int32)[:, None, None],
             _spanning(keyed, span), BLOCK_SIZE=(1, bs), mask_mod=_mask_mod(cache.device, bs),
-            seq_lengths=(1, length), compute_q_blocks=False)
-        out = _compiled()(q.unsqueeze(2), keys, values, block_mask=mask, enable_gqa=True)
+            seq_lengths=(1, span * bs), compute_q_blocks=False)
+        return FlexMask(mask, (contexts - 1) % bs)
+
+    def attend(self, cache: torch.Tensor, q: torch.Tensor, mask: FlexMask) -> torch.Tensor:
+        """Attention [n, H * hd] of queries q [n, H, hd] over `cache`, as `mask` says."""
+        num_blocks, planes, bs, _, hkv, hd = cache.shape
+        length = num_blocks * planes * bs
+        keys = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1),
+                                storage_offset=cache.storage_offset())
+        values = cache.as_strided((1, hkv, length, hd), (0, hd, 2 * hkv * hd, 1),
+                                  storage_offset=cache.storage_offset() + hkv * hd)
+        # the shared buffer the mask function reads (another row set may have written it)
+        _offsets(cache.device)[:q.shape[0]] = mask.offsets
+        out = _compiled()(q.unsqueeze(2), keys, values, block_mask=mask.mask, enable_gqa=True)
         return out.flatten(1)  # [n, H, 1, hd] -> [n, H * hd]

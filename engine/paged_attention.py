@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.flex_paged import FlexDecode
+from engine.flex_paged import FlexDecode, FlexMask
 from engine.step_upload import StepUpload
 
 
@@ -105,6 +105,8 @@ class AttentionPlan:
     decode_contexts: torch.Tensor | None = None  # [S_d] positions each decode attends to
     workspace: GatherWorkspace | None = None  # where calls gather k/v (None: fresh tensors)
     flex: FlexDecode | None = None  # decodes read the pool in place (no gather) when set
+    # plane -> the flex mask of every decode row: built by the step's first layer, reused
+    flex_masks: dict[int, FlexMask] = dataclasses.field(default_factory=dict)
 
     @staticmethod
     def pack(upload: StepUpload, block_tables: list[list[int]], starts: list[int],
@@ -211,8 +213,7 @@ class AttentionPlan:
         """rows [n] of the decode rows (None: all of them)."""
         blocks = self.decode_blocks if rows is None else self.decode_blocks[rows]
         if self.flex is not None:
-            contexts = self.decode_contexts if rows is None else self.decode_contexts[rows]
-            return self.flex.attend(cache, plane, blocks, contexts, q)
+            return self.flex.attend(cache, q, self._flex_mask(cache, plane, rows, blocks))
         valid = self.decode_key_valid if rows is None else self.decode_key_valid[rows]
         kv = gather_blocks(cache, plane, blocks, self.workspace)  # [n, W * bs, 2, Hkv, hd]
         k, v = kv[:, :, 0], kv[:, :, 1]  # [n, W * bs, Hkv, hd] views
@@ -221,6 +222,16 @@ class AttentionPlan:
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             enable_gqa=True)  # [n, H, 1, hd]
         return out.flatten(1)
+
+    def _flex_mask(self, cache: torch.Tensor, plane: int, rows: torch.Tensor | None,
+                   blocks: torch.Tensor) -> FlexMask:
+        if rows is not None:  # a compacted subset: its own mask
+            return self.flex.mask(cache, plane, blocks, self.decode_contexts[rows])
+        mask = self.flex_masks.get(plane)
+        if mask is None:
+            mask = self.flex_masks[plane] = self.flex.mask(cache, plane, blocks,
+                                                           self.decode_contexts)
+        return mask
 
     def _attend_prefill(self, cache: torch.Tensor, plane: int, piece: PrefillSlice,
                         tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

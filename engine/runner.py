@@ -307,7 +307,7 @@ class ModelRunner:
             contexts = torch.ones(rows, dtype=torch.long, device=cache.device)
             q = torch.zeros(rows, cfg.n_heads, cfg.head_dim, dtype=cache.dtype,
                             device=cache.device)
-            self.flex.attend(cache, 0, blocks, contexts, q)
+            self.flex.attend(cache, q, self.flex.mask(cache, 0, blocks, contexts))
 
     def _first_masked(self, index: int, tokens: StepTokens, h: torch.Tensor) -> LayerState:
         if self.fused is not None:

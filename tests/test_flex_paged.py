@@ -55,7 +55,8 @@ def test_one_call_equals_the_gather_path(block_size, dtype):
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2,
                                                                             "atol": 2e-2}
     for plane in range(3):
-        torch.testing.assert_close(flex.attend(cache, plane, blocks, contexts, q),
+        mask = FlexDecode.mask(cache, plane, blocks, contexts)
+        torch.testing.assert_close(flex.attend(cache, q, mask),
                                    _gathered(cache, plane, blocks, contexts, q), **tolerance)
 
 
