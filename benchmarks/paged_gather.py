@@ -9,7 +9,8 @@ served pool's are) and attends. Per (batch, context) this times, in interleaved 
                       CUDA graph does, from its own pool)
     select_workspace  the same into the runner's reusable `GatherWorkspace` (eager steps)
     attend_v0         aten_index + the masked SDPA
-    attend_now        the plan's call: select_workspace + the same SDPA
+    attend_now        the plan's call: select_workspace + the SDPA with each kv head's
+                      query group as its query positions (no k/v repeat for GQA)
     flex_in_place     (`--flex`) the engine's `--attention-backend flex` call
                       (`engine/flex_paged.py`): FlexAttention reading the pool where it
                       lies, no copy; compiled on first use (seconds on a CPU).
@@ -117,7 +118,7 @@ def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dty
         "attend_now": lambda: plan.attend(cache, 1, None, q),
     }
     want = variants["attend_v0"]()
-    torch.testing.assert_close(variants["attend_now"](), want, rtol=0, atol=0)
+    torch.testing.assert_close(variants["attend_now"](), want, **_tolerance(dtype))
     flex_error = None
     if args.flex:
         try:

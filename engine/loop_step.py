@@ -48,7 +48,8 @@ class LayerState:
     """Every token of the step inside one layer, updated in place step by step."""
 
     state: torch.Tensor  # [T, D] h_{t-1} (model dtype)
-    mixture: torch.Tensor  # [T, D] fp32: sum of p_t h_t (+ R h_d at the halt)
+    mixture: torch.Tensor  # [T, D] fp32: sum of p_t h_t (+ R h_d at the halt); h_1 in a
+    # one-loop model (model dtype: its only step takes all the mass)
     remaining: torch.Tensor  # [T] fp32: R
     active: torch.Tensor  # [T] bool: still loops
     depth: torch.Tensor  # [T] long: steps computed
@@ -128,16 +129,28 @@ def first_masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepToke
     x, gates, q, kv = _project(block, tokens, h)
     write_plane(cache, tokens, 0, kv)
     h1 = block.finish_step(x, tokens.plan.attend(cache, 0, None, q), 1)
-    halt_below = tokens.halt_below[0]
     lam = block.halt_probability(h1, 1)
     if lam is None:  # a one-loop model: its only step takes all the mass
-        lam = torch.ones_like(halt_below)
+        return _one_loop_state(h1, gates, kv)
+    halt_below = tokens.halt_below[0]
     left = torch.rsub(lam, 1.0)  # R - p with R = 1, as `_halting` computes it
     halted = left < halt_below
     weight = torch.addcmul(lam, left, halted)  # [T]
     return LayerState(state=h1, mixture=weight.unsqueeze(-1) * h1,  # fp32 [T, D]
                       remaining=left.masked_fill(halted, 0.0), active=halted.logical_not(),
                       depth=torch.ones(h.shape[0], dtype=torch.long, device=h.device),
+                      gate_sum=gates.float(), kv_last=kv)
+
+
+def _one_loop_state(h1: torch.Tensor, gates: torch.Tensor, kv: torch.Tensor) -> LayerState:
+    """A one-loop layer after its only step: every token halts there (a threshold of +inf
+    from max_loops = 1 on) with p = 1 and R = 0, so the mixture is h_1 itself; what
+    `first_masked_step` would compute with 7 kernels more (1 * h = h, 1 - 1 = 0), bit for
+    bit. The mixture stays in the model dtype: the layer's output is h_1 unrounded."""
+    total = h1.shape[0]
+    done = torch.zeros(total, dtype=torch.bool, device=h1.device)
+    return LayerState(state=h1, mixture=h1, remaining=done.float(), active=done,
+                      depth=torch.ones(total, dtype=torch.long, device=h1.device),
                       gate_sum=gates.float(), kv_last=kv)
 
 

@@ -212,6 +212,23 @@ def test_serving_block_with_one_memory_bank_or_none(local, shared):
                             LogitRecorder(llm))
 
 
+@pytest.mark.parametrize("local, shared", [(8, 8), (0, 0)])
+@pytest.mark.parametrize("form", ["masked", "compacted"])
+def test_a_one_loop_model_equals_the_reference(local, shared, form):
+    """max_loops = 1 (a dense decoder, with or without memory): the masked form's one-loop
+    state (the mixture is h_1, no halting arithmetic) and the compacted form, with
+    chunked prefill, against the reference; every token reports depth 1 in every layer."""
+    model = make_model(seed=4, max_loops=1, local_memory_slots=local,
+                       global_memory_slots=shared)
+    llm = engine_with(model, form, num_kv_blocks=64, max_num_batched_tokens=16)
+    params = [SamplingParams(max_tokens=6, halt_threshold=t, max_loops=m, **GREEDY)
+              for t, m in ((None, None), (0.5, 1), (0.0, None), (0.05, 1))]
+    check_against_reference(model, llm, random_prompts(4, seed=2), params, LogitRecorder(llm))
+    out = llm.generate(random_prompts(2, seed=5), SamplingParams(max_tokens=3, **GREEDY))
+    for o in out:
+        assert o.compute.loops_per_layer == [1.0] * model.config.n_layers
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=20, **GREEDY),
     SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=3, logprobs=2,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.paged_attention import AttentionPlan, GatherWorkspace, gather_blocks
+from engine.paged_attention import AttentionPlan, GatherWorkspace, decode_attention, gather_blocks
 from engine.step_upload import StepUpload
 
 BLOCK, PLANES, HKV, HD = 4, 3, 2, 8
@@ -65,3 +65,19 @@ def test_attention_through_the_workspace_equals_fresh_gathers(active):
         got = _plan(workspace).attend(cache, plane, rows, picked)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert workspace.nbytes > 0
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (6, 1)])
+def test_grouped_decode_attention_equals_sdpa_with_repeated_kv_heads(heads, kv_heads):
+    """Each kv head's query group as its query positions gives what enable_gqa does (query
+    head h reads kv head h // G), with each row's own number of valid keys."""
+    torch.manual_seed(0)
+    rows, keys, hd = 5, 40, 16
+    q = torch.randn(rows, heads, hd)
+    kv = torch.randn(rows, keys, 2, kv_heads, hd)
+    k, v = kv[:, :, 0], kv[:, :, 1]  # strided views, as the gather gives them
+    valid = torch.arange(keys)[None, :] < torch.tensor([1, 7, 16, 33, 40])[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=valid[:, None, None, :], enable_gqa=True).flatten(1)
+    torch.testing.assert_close(decode_attention(q, k, v, valid), want, rtol=1e-5, atol=1e-6)
