@@ -96,8 +96,7 @@ def _project(block: ServingBlock, tokens: StepTokens, state: torch.Tensor
     """Every row's memory read and projections: x [T, D], gates [T, 2], q [T, H, hd] and
     this step's k/v [T, 2, Hkv, hd] (the masked forms' common start)."""
     x, gates = block.read_memory(state)
-    q, k, v = block.project_qkv(x, tokens.rope)
-    return x, gates, q, torch.stack((k, v), dim=1)
+    return x, gates, *block.project_qkv(x, tokens.rope)
 
 
 def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
@@ -110,14 +109,26 @@ def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
         kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
     write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q), step)
+    layer.gate_sum.addcmul_(gates, active.unsqueeze(-1))
+    layer.depth += active
+    layer.kv_last = kv
+    if step == block.cfg.max_loops:
+        _last_masked_step(layer, h)
+        return
     weight, layer.remaining, halted = _halting(block, h, layer.remaining,
                                                tokens.halt_below[step - 1], step)
     layer.mixture.addcmul_(weight.unsqueeze(-1), h)  # fp32 += fp32 * h: no cast kernel
-    layer.gate_sum.addcmul_(gates, active.unsqueeze(-1))
-    layer.depth += active
     layer.state = torch.where(active.unsqueeze(-1), h, layer.state)
     layer.active = active > halted  # active and not halted, in one kernel
-    layer.kv_last = kv
+
+
+def _last_masked_step(layer: LayerState, h: torch.Tensor) -> None:
+    """The model's step N: every row still active halts (lam_N = 1, and its threshold is
+    +inf), so `_halting` would give weight p = R (R - R = 0 adds nothing) and R = 0: the
+    mixture takes R h_N, bit for bit, in one kernel instead of seven. Nothing reads the
+    layer's state, R or active flags after step N (the layer's output is its mixture, its
+    depths, gate sums and last k/v), so they are left as they were."""
+    layer.mixture.addcmul_(layer.remaining.unsqueeze(-1), h)
 
 
 def first_masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
@@ -163,8 +174,7 @@ def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
         write_plane(cache, tokens, step - 1, layer.kv_last)
         return 0
     x, gates = block.read_memory(layer.state.index_select(0, rows))
-    q, k, v = block.project_qkv(x, tokens.rope.index_select(0, rows))
-    kv_rows = torch.stack((k, v), dim=1)  # [A, 2, Hkv, hd]
+    q, kv_rows = block.project_qkv(x, tokens.rope.index_select(0, rows))  # kv [A, 2, Hkv, hd]
     kv = kv_rows if layer.kv_last is None else layer.kv_last.index_copy(0, rows, kv_rows)
     write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, rows, q), step)

@@ -13,6 +13,8 @@ launches fewer kernels. The arithmetic is `LoopBlock`'s, re-associated:
   [T, 1, hd/2] complex64 built once per engine step (fp32, also in a bf16 model). q k^T,
   the head norms and the KV pool are indifferent to the order (q and k share it; v keeps
   its own), so attention sees exactly what the reference computes;
+- the rotated q and k are written back into the qkv projection's output, where k sits
+  next to v: a step's k/v [T, 2, Hkv, hd] is a view, not a stacked copy;
 - the loop scales s_t = softplus(alpha_t) and the router's step feature become constants;
 - every residual add rides on its matmul (`addmm(x, a, W^T, alpha=s_t)`: one kernel, not two),
   as do the memory update and the router's per-step bias.
@@ -123,18 +125,23 @@ class ServingBlock:
         return torch.addmm(h, weights, self.values), gates  # h + update, one kernel
 
     def project_qkv(self, x: torch.Tensor, rope: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, D], rope [T, 1, hd/2] from `rope_table` -> q [T, H, hd], k, v [T, Hkv, hd]
-        (q and k in pair order)."""
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D], rope [T, 1, hd/2] from `rope_table` -> q [T, H, hd] and this step's
+        k/v [T, 2, Hkv, hd] (q and k in pair order). Both are views of the projection's
+        own output: the normed, rotated q and k are written back over their raw values,
+        and k sits next to v there, so k/v need no stacking copy."""
         cfg = self.cfg
-        heads = cfg.n_heads + cfg.n_kv_heads
+        heads, hd = cfg.n_heads + cfg.n_kv_heads, cfg.head_dim
         qkv = F.linear(F.rms_norm(x, (x.shape[-1],), None, self.eps), self.qkv_weight)
-        qk = qkv[:, :heads * cfg.head_dim].unflatten(-1, (heads, cfg.head_dim))
-        v = qkv[:, heads * cfg.head_dim:].unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
-        qk = F.rms_norm(qk.float(), (cfg.head_dim,), None, self.eps) * self.qk_norm
-        pairs = torch.view_as_complex(qk.unflatten(-1, (cfg.head_dim // 2, 2)))
-        qk = torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)  # [T, heads, hd]
-        return qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v
+        qk = qkv[:, :heads * hd].unflatten(-1, (heads, hd))  # [T, heads, hd] view
+        normed = F.rms_norm(qk.float(), (hd,), None, self.eps) * self.qk_norm
+        pairs = torch.view_as_complex(normed.unflatten(-1, (hd // 2, 2)))
+        if qk.dtype == torch.float32:  # rotate straight into place: one kernel
+            torch.mul(pairs, rope, out=torch.view_as_complex(qk.unflatten(-1, (hd // 2, 2))))
+        else:  # rotate in fp32, then cast into place
+            qk.copy_(torch.view_as_real(pairs * rope).flatten(-2))
+        kv = qkv[:, cfg.n_heads * hd:].unflatten(-1, (2, cfg.n_kv_heads, hd))
+        return qk[:, :cfg.n_heads], kv
 
     def finish_step(self, x: torch.Tensor, attn: torch.Tensor, step: int) -> torch.Tensor:
         """x [T, D], attention output [T, H * hd] -> h_t [T, D]."""

@@ -155,11 +155,12 @@ def test_a_masked_decode_step_syncs_once_and_launches_few_kernels_per_loop_step(
     calls = model.config.n_layers * model.config.max_loops
     assert counter.syncs == 1 and counter.uploads == 1, counter.by_op
     assert sum(c.syncs for c in in_layers) == 0
-    # 36.7 per (layer, step) in this fp32 model with the hand-fused serving block, eager
+    # 33.7 per (layer, step) in this fp32 model with the hand-fused serving block, eager
     # (47.0 before the addmm, one-gather and complex-RoPE fusions, 40.3 before the fresh
-    # first step and the in-place bank softmaxes; the goal is 30, which the compiled
-    # chains meet: tests/test_fused_chains.py)
-    assert sum(c.kernels for c in in_layers) / calls <= 37
+    # first step and the in-place bank softmaxes, 36.7 before k/v became a view of the
+    # projection and step N lost its halting arithmetic; the goal is 30, which the
+    # compiled chains meet: tests/test_fused_chains.py)
+    assert sum(c.kernels for c in in_layers) / calls <= 34
 
 
 def test_the_kv_pool_from_device_memory_names_the_flag_when_it_cannot_fit():
