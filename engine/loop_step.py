@@ -178,15 +178,19 @@ def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     kv = kv_rows if layer.kv_last is None else layer.kv_last.index_copy(0, rows, kv_rows)
     write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, rows, q), step)
-    weight, left, halted = _halting(block, h, layer.remaining.index_select(0, rows),
-                                    tokens.halt_below[step - 1].index_select(0, rows), step)
-    layer.mixture.index_add_(0, rows, weight.unsqueeze(-1) * h)  # promotes to fp32
     layer.gate_sum.index_add_(0, rows, gates.float())
     layer.depth.index_add_(0, rows, torch.ones_like(rows))
+    layer.kv_last = kv
+    remaining = layer.remaining.index_select(0, rows)
+    if step == block.cfg.max_loops:  # as `_last_masked_step`: the rows halt with p = R
+        layer.mixture.index_add_(0, rows, remaining.unsqueeze(-1) * h)
+        return count
+    weight, left, halted = _halting(block, h, remaining,
+                                    tokens.halt_below[step - 1].index_select(0, rows), step)
+    layer.mixture.index_add_(0, rows, weight.unsqueeze(-1) * h)  # promotes to fp32
     layer.state = layer.state.index_copy(0, rows, h)
     layer.remaining = layer.remaining.index_copy(0, rows, left)
     layer.active = layer.active.index_copy(0, rows, halted.logical_not())
-    layer.kv_last = kv
     return count
 
 
