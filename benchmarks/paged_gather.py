@@ -9,6 +9,8 @@ served pool's are) and attends. Per (batch, context) this times, in interleaved 
                       CUDA graph does, from its own pool)
     select_workspace  the same into the runner's reusable `GatherWorkspace` (eager steps)
     attend_v0         aten_index + the masked SDPA
+    attend_gqa        select_workspace + SDPA with `enable_gqa` (the call before
+                      2026-12-03: k/v repeated for each query head of a group)
     attend_now        the plan's call: select_workspace + the SDPA with each kv head's
                       query group as its query positions (no k/v repeat for GQA)
     flex_in_place     (`--flex`) the engine's `--attention-backend flex` call
@@ -79,6 +81,16 @@ def _attend_v0(plan: AttentionPlan, cache: torch.Tensor, q: torch.Tensor) -> tor
     return out.flatten(1)
 
 
+def _attend_gqa(plan: AttentionPlan, cache: torch.Tensor, q: torch.Tensor,
+                workspace: GatherWorkspace) -> torch.Tensor:
+    kv = gather_blocks(cache, 1, plan.decode_blocks, workspace)  # [n, W * bs, 2, Hkv, hd]
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=plan.decode_key_valid[:, None, None, :], enable_gqa=True)  # [n, H, 1, hd]
+    return out.flatten(1)
+
+
 def _seconds(fn, device: str, calls: int) -> float:
     """Seconds per call over `calls` calls."""
     sync(device)
@@ -115,6 +127,7 @@ def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dty
         "select_fresh": lambda: gather_blocks(cache, 1, blocks, None),
         "select_workspace": lambda: gather_blocks(cache, 1, blocks, workspace),
         "attend_v0": lambda: _attend_v0(plan, cache, q),
+        "attend_gqa": lambda: _attend_gqa(plan, cache, q, workspace),
         "attend_now": lambda: plan.attend(cache, 1, None, q),
     }
     want = variants["attend_v0"]()
@@ -147,6 +160,7 @@ def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dty
             "seconds": median,
             "gather_over_v0": median["select_workspace"] / median["aten_index"],
             "attend_over_v0": median["attend_now"] / median["attend_v0"],
+            "attend_over_gqa": median["attend_now"] / median["attend_gqa"],
             "gather_bytes_per_s": 2 * gathered / median["select_workspace"]}
 
 
@@ -163,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
             row["gather_fraction_of_copy_rate"] = row["gather_bytes_per_s"] / peak
             results.append(row)
             print(f"batch {batch} context {context}: gather {row['gather_over_v0']:.2f}x v0, "
-                  f"attention {row['attend_over_v0']:.2f}x v0", file=sys.stderr, flush=True)
+                  f"attention {row['attend_over_v0']:.2f}x v0, "
+                  f"{row['attend_over_gqa']:.2f}x enable_gqa", file=sys.stderr, flush=True)
     out = {"benchmark": "paged_gather", "machine": machine_name(args.device),
            "device": args.device, "dtype": str(dtype), "preset": args.preset,
            "threads": torch.get_num_threads(), "block_size": args.block_size,

@@ -45,7 +45,7 @@ def test_paged_gather_times_every_variant_and_checks_them_against_v0(capsys, tmp
     per_block = 16 * 2 * cfg.n_kv_heads * cfg.head_dim * 4
     assert row["gathered_bytes"] == out["results"][0]["gathered_bytes"] == 2 * 2 * per_block
     assert set(row["seconds"]) == {"aten_index", "select_fresh", "select_workspace",
-                                   "attend_v0", "attend_now", "flex_in_place"}
+                                   "attend_v0", "attend_gqa", "attend_now", "flex_in_place"}
     (tmp_path / "paged-attention.json").write_text("log line\n" + last + "\n")
     (summary,) = gpu_summary.paged_rows(tmp_path)
     assert summary["batch"] == 2 and summary["flex_error"] is None
