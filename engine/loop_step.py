@@ -36,6 +36,17 @@ class StepTokens:
     blocks: torch.Tensor  # [T] long KV block each token's k/v is written to
     offsets: torch.Tensor  # [T] long offset in that block
     plan: AttentionPlan
+    _halted: tuple[torch.Tensor, ...] | None = None
+
+    def halted_rows(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(active [T] bool False, R [T] fp32 0, depth [T] long 1) of rows that ran one step
+        and halted, made once per step and shared by every one-loop layer (read only)."""
+        if self._halted is None:
+            total, device = like.shape[0], like.device
+            self._halted = (torch.zeros(total, dtype=torch.bool, device=device),
+                            torch.zeros(total, dtype=torch.float32, device=device),
+                            torch.ones(total, dtype=torch.long, device=device))
+        return self._halted
 
     @property
     def rope_pairs(self) -> torch.Tensor:
@@ -142,7 +153,7 @@ def first_masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepToke
     h1 = block.finish_step(x, tokens.plan.attend(cache, 0, None, q), 1)
     lam = block.halt_probability(h1, 1)
     if lam is None:  # a one-loop model: its only step takes all the mass
-        return _one_loop_state(h1, gates, kv)
+        return _one_loop_state(tokens, h1, gates, kv)
     halt_below = tokens.halt_below[0]
     left = torch.rsub(lam, 1.0)  # R - p with R = 1, as `_halting` computes it
     halted = left < halt_below
@@ -153,15 +164,15 @@ def first_masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepToke
                       gate_sum=gates.float(), kv_last=kv)
 
 
-def _one_loop_state(h1: torch.Tensor, gates: torch.Tensor, kv: torch.Tensor) -> LayerState:
+def _one_loop_state(tokens: StepTokens, h1: torch.Tensor, gates: torch.Tensor,
+                    kv: torch.Tensor) -> LayerState:
     """A one-loop layer after its only step: every token halts there (a threshold of +inf
     from max_loops = 1 on) with p = 1 and R = 0, so the mixture is h_1 itself; what
-    `first_masked_step` would compute with 7 kernels more (1 * h = h, 1 - 1 = 0), bit for
-    bit. The mixture stays in the model dtype: the layer's output is h_1 unrounded."""
-    total = h1.shape[0]
-    done = torch.zeros(total, dtype=torch.bool, device=h1.device)
-    return LayerState(state=h1, mixture=h1, remaining=done.float(), active=done,
-                      depth=torch.ones(total, dtype=torch.long, device=h1.device),
+    `first_masked_step` would compute with 8 kernels more (1 * h = h, 1 - 1 = 0), bit for
+    bit. The mixture stays in the model dtype: the layer's output is h_1 unrounded. No
+    later step updates the state in place, so the flags are the step's shared ones."""
+    active, remaining, depth = tokens.halted_rows(h1)
+    return LayerState(state=h1, mixture=h1, remaining=remaining, active=active, depth=depth,
                       gate_sum=gates.float(), kv_last=kv)
 
 

@@ -160,15 +160,12 @@ class ModelRunner:
         num_steps = self.config.max_loops if self.max_depth else max(step.max_loops)
         tokens = self._step_tokens(layout, uploaded, num_steps)
         h = self.model.embed(uploaded["token_ids"])
-        depths, gate_means = [], []
+        layers = []
         for index, block in enumerate(self.blocks):
-            layer = self._run_layer(index, block, h, tokens, num_steps)
-            h = layer.mixture.to(h.dtype)
-            depths.append(layer.depth)
-            gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
+            layers.append(self._run_layer(index, block, h, tokens, num_steps))
+            h = layers[-1].mixture.to(h.dtype)
         logits = self.model.logits(h[uploaded["sample_rows"]])
-        return DeviceStepOutput(logits, torch.stack(depths, -1), torch.stack(gate_means, -2),
-                                num_steps)
+        return DeviceStepOutput(logits, *_depths_and_gates(layers), num_steps)
 
     def _fits_static(self, step: StepInput) -> bool:
         """Decodes only, each asking for its next token alone."""
@@ -185,15 +182,14 @@ class ModelRunner:
                             plan=inputs.plan(self.block_size, self._static_workspace(),
                                              self.flex))
         h = self.model.embed(inputs.token_ids)
-        depths, gate_means = [], []
+        layers = []
         for index in range(len(self.blocks)):
             layer = self._first_masked(index, tokens, h)
             for step in range(2, self.config.max_loops + 1):
                 self._masked(index, tokens, layer, step)
+            layers.append(layer)
             h = layer.mixture.to(h.dtype)
-            depths.append(layer.depth)
-            gate_means.append(layer.gate_sum / layer.depth.unsqueeze(-1))
-        return self.model.logits(h), torch.stack(depths, -1), torch.stack(gate_means, -2)
+        return self.model.logits(h), *_depths_and_gates(layers)
 
     def _static_workspace(self) -> GatherWorkspace | None:
         """A captured graph gathers into its own pool (a shared buffer could move after
@@ -319,6 +315,14 @@ class ModelRunner:
             self.fused[index].step(self.kv_caches[index], tokens, layer, step)
         else:
             masked_step(self.blocks[index], self.kv_caches[index], tokens, layer, step)
+
+
+def _depths_and_gates(layers: list[LayerState]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depths [T, L] and mean gates [T, L, 2] of the step's layers: one division for every
+    layer (not one per layer)."""
+    depths = torch.stack([layer.depth for layer in layers], -1)  # [T, L]
+    gate_sums = torch.stack([layer.gate_sum for layer in layers], -2)  # [T, L, 2]
+    return depths, gate_sums / depths.unsqueeze(-1)
 
 
 def _per_token(values: list, lengths: list[int]) -> list:
