@@ -230,6 +230,18 @@ def test_a_one_loop_model_equals_the_reference(local, shared, form):
         assert o.compute.loops_per_layer == [1.0] * model.config.n_layers
 
 
+def test_a_one_loop_layer_launches_only_its_dense_work():
+    """A dense decoder's layer: norms, projections, RoPE, the KV write, attention and the
+    MLP; no halting arithmetic and no per-layer flags (25 kernels a layer before the
+    one-loop state; the first layer also makes the step's shared halted-row flags)."""
+    model = make_model(seed=4, max_loops=1, local_memory_slots=0, global_memory_slots=0)
+    llm = engine_with(model, "masked", num_kv_blocks=128)
+    counter, in_layers = count_a_decode_step(llm, random_prompts(6, seed=8))
+    assert counter.syncs == 1
+    assert [c.kernels for c in in_layers[1:]] == [16] * (model.config.n_layers - 1)
+    assert in_layers[0].kernels == 16 + 3
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=20, **GREEDY),
     SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=3, logprobs=2,
