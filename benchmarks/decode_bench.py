@@ -60,12 +60,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+WARM_UP_STEPS = 3
+
+
+def batched_tokens(args: argparse.Namespace) -> int:
+    return max(2048, args.context)
+
+
+def output_budget(args: argparse.Namespace) -> int:
+    """max_tokens of every request: enough for none to finish before the timed steps end.
+    The scheduler keeps decoding the requests whose prompts are done while the others
+    prefill, so the first ones decode one token a step through the whole prefill
+    (batch * context / batched tokens steps), then the warm-up, then the timed steps."""
+    prefill_steps = -(-args.batch * args.context // batched_tokens(args)) + 1
+    return prefill_steps + WARM_UP_STEPS + args.steps + 8
+
+
 def build_model(args: argparse.Namespace) -> LoopLM:
     torch.manual_seed(args.seed)
     config = get_preset(args.preset)
+    longest = args.context + output_budget(args) + 16
     config = type(config)(**{**config.to_dict(),
-                             "max_position": max(config.max_position, args.context + 2 * args.steps
-                                                 + 16)})
+                             "max_position": max(config.max_position, longest)})
     with torch.device(args.device):
         model = LoopLM(config)
     with torch.no_grad():
@@ -77,15 +93,15 @@ def build_model(args: argparse.Namespace) -> LoopLM:
 
 
 def prefilled(model: LoopLM, args: argparse.Namespace, mode: str, **options) -> LLM:
-    blocks_per_seq = -(-(args.context + 4 * args.steps + 8) // args.block_size)
+    blocks_per_seq = -(-(args.context + output_budget(args)) // args.block_size)
     llm = LLM(model, tokenizer=token_ids_tokenizer(model),
               num_kv_blocks=args.batch * blocks_per_seq + 8, block_size=args.block_size,
-              max_num_seqs=args.batch, max_num_batched_tokens=max(2048, args.context),
+              max_num_seqs=args.batch, max_num_batched_tokens=batched_tokens(args),
               enable_prefix_caching=False, mode=mode, static_decode=args.static_decode,
               **options)
     gen = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
-    params = SamplingParams(max_tokens=4 * args.steps + 4, temperature=0.0, ignore_eos=True,
+    params = SamplingParams(max_tokens=output_budget(args), temperature=0.0, ignore_eos=True,
                             halt_threshold=args.threshold)
     engine = llm.engine
     for _ in range(args.batch):
@@ -100,9 +116,10 @@ def prefilled(model: LoopLM, args: argparse.Namespace, mode: str, **options) -> 
 def time_decode(llm: LLM, args: argparse.Namespace) -> dict:
     engine, calls = llm.engine, []
     engine.stats_callback = lambda stats: calls.append(stats.active_per_call)
-    for _ in range(3):  # warm-up (graphs capture lazily per bucket)
+    for _ in range(WARM_UP_STEPS):  # warm-up (graphs capture lazily per bucket)
         engine.step()
     calls.clear()
+    rows = []
     debug = (torch.cuda.set_sync_debug_mode if args.device.startswith("cuda") else None)
     static = engine.runner.static
     guard = _sync_guard(static, debug) if args.sync_debug and debug else contextlib.nullcontext()
@@ -110,11 +127,14 @@ def time_decode(llm: LLM, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     with guard:
         for _ in range(args.steps):
+            rows.append(engine.num_running)  # host bookkeeping: no device work
             engine.step()
     sync(args.device)
     seconds = (time.perf_counter() - start) / args.steps
-    return {"step_seconds": seconds, "tokens_per_s": args.batch / seconds,
-            "active_per_call": calls,
+    if min(rows) != args.batch:  # a request finished or waited: the batch was not full
+        raise RuntimeError(f"decoded {min(rows)}-{max(rows)} rows a step, not {args.batch}")
+    return {"step_seconds": seconds, "tokens_per_s": sum(rows) / args.steps / seconds,
+            "decoded_rows_per_step": [min(rows), max(rows)], "active_per_call": calls,
             "static_replays": static.replays if static is not None else 0}
 
 

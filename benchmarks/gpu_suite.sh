@@ -48,7 +48,7 @@ optional() {  # optional NAME TIMEOUT COMMAND...: step, if it fits the budget
     step "$@"
 }
 
-step tests 120 env LOOPSERVE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+step tests 160 env LOOPSERVE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_engine.py tests/test_loop_forms.py tests/test_engine_liveness.py \
     tests/test_prompt_logprobs.py tests/test_sampler.py --junitxml "$OUT/tests.xml"
 tail -n 3 "$OUT/tests.log"

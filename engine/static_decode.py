@@ -100,6 +100,10 @@ class StaticDecode:
         self.capture = capture and device.type == "cuda"
         self._buckets: dict[tuple[int, int], tuple[StaticInputs, object]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # one side stream for every bucket's warm-up and capture: the caching allocator
+        # keeps freed blocks per stream, so a stream per bucket would hold each bucket's
+        # warm-up memory apart (GBs at the paper preset's largest buckets)
+        self._stream = torch.cuda.Stream(device) if self.capture else None
         self.replays = 0  # steps served by a bucket (for tests and metrics)
 
     def bucket(self, rows: int, width: int) -> tuple[int, int] | None:
@@ -141,7 +145,7 @@ class StaticDecode:
         return self._buckets[key]
 
     def _capture(self, inputs: StaticInputs) -> tuple:
-        stream = torch.cuda.Stream(self.device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lazy inits must not happen during capture

@@ -66,7 +66,7 @@ def reference_greedy(model: LoopLM, prompt: list[int], max_tokens: int,
         out = model.reference_forward(torch.tensor([ids], device=model.device),
                                       halt_threshold=threshold, max_loops=max_loops)
         row = out.logits[0, -1]
-        logits.append(row)
+        logits.append(row.cpu())  # the recorder's rows are host copies (any device)
         tokens.append(int(row.argmax()))
         ids.append(tokens[-1])
     return tokens, logits
@@ -122,8 +122,10 @@ def mixed_params(count: int, max_tokens: int = 6) -> list[SamplingParams]:
 
 def count_a_decode_step(llm: LLM, prompts: list[list[int]]):
     """Prefill greedy `prompts`, then run one decode step of the runner under `OpCounter`:
-    returns (the whole step's counter, one counter per layer run). The requests stay
-    running (step the engine to finish them)."""
+    returns (the whole step's counter, one counter per layer run). The step runs eagerly,
+    layer by layer, even where the engine has decode buckets (on CUDA: graphs, which
+    would run no `_run_layer` to count). The requests stay running (step the engine to
+    finish them)."""
     from benchmarks.op_counts import OpCounter
 
     engine = llm.engine
@@ -140,9 +142,12 @@ def count_a_decode_step(llm: LLM, prompts: list[list[int]]):
         return result
 
     runner._run_layer = counted_layer
+    static, runner.static = runner.static, None
     try:
         with OpCounter() as counter:
             runner.fetch(runner.run(engine._pack(engine.scheduler.schedule())[0]))
     finally:
         del runner._run_layer
+        runner.static = static
+    assert len(in_layers) == engine.model_config.n_layers, "the step ran no eager layers"
     return counter, in_layers

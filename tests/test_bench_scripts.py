@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from benchmarks import decode_bench, gpu_summary, paged_gather
@@ -23,6 +24,18 @@ def test_decode_bench_prefills_a_model_whose_config_names_a_hf_tokenizer():
     assert token_ids_tokenizer(model).vocab_size == config.vocab_size
     result = decode_bench.time_decode(llm, args)
     assert result["tokens_per_s"] > 0 and len(result["active_per_call"]) == 2
+
+
+def test_decode_bench_times_the_whole_batch_when_its_prefill_takes_many_steps():
+    """batch * context over several prefill steps (the first requests decode meanwhile):
+    every timed step still decodes every row, and tokens/s counts the rows decoded."""
+    args = decode_bench.parse_args(["--preset", "tiny", "--batch", "8", "--context", "2000",
+                                    "--steps", "2"])  # 8 prefill steps of 2,048 tokens
+    model = decode_bench.build_model(args)
+    llm = decode_bench.prefilled(model, args, "adaptive")
+    result = decode_bench.time_decode(llm, args)
+    assert result["decoded_rows_per_step"] == [8, 8]
+    assert result["tokens_per_s"] == pytest.approx(8 / result["step_seconds"])
 
 
 def test_decode_bench_prints_adaptive_against_max_depth(capsys):

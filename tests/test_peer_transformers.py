@@ -24,6 +24,15 @@ def test_the_same_model_runs_in_both_with_its_floor(capsys):
     assert '"benchmark": "peer_transformers"' in capsys.readouterr().out
 
 
+def test_the_static_cache_runs_eagerly_and_agrees():
+    """transformers' static cache (what the GPU suite adds), with its auto-compile off."""
+    result = main(["--batch-sizes", "1", "--prompt-len", "6", "--output-len", "3",
+                   "--repeats", "1", "--hf-caches", "static"])
+    (row,) = result["results"]
+    assert row["greedy_tokens_equal_static"] == 1.0
+    assert result["transformers_static_compiled"] is False
+
+
 def test_the_floor_multiplies_every_weight_once_per_pass():
     model = build_loopserve(0)
     mats = weight_matrices(model)
