@@ -20,6 +20,13 @@ last: num_blocks * N + n * W entries, and only the first W of a row are ever rea
 The compiled kernel is one per process (dynamic row counts; a new pool shape, dtype or
 block size compiles again): its mask reads one module-level offsets buffer per device, since
 a mask closing over a per-engine tensor recompiles for every engine.
+
+Expected to fail on CUDA as it stands (read in inductor's source, not run; no GPU has been
+lent): each decode row is its own query block (BLOCK_SIZE (1, bs)), and Triton's flex
+kernels want query blocks of at least 16 rows (and key blocks of 64 in the main kernel),
+so the compile would find no valid kernel; start-up then refuses the backend naming
+`--attention-backend gather`. Running it there means query blocks of 16 rows, each with
+the union of its rows' blocks and a per-row membership check in the mask.
 """
 
 from __future__ import annotations
