@@ -13,6 +13,11 @@
 #      (--attention-backend flex) with CUDA graphs
 #   6. the same with the elementwise chains fused by torch.compile (--compile-chains;
 #      last, as it compiles for about a minute)
+# Expect in step 2: the decode buckets replay every loop step in the masked form, so on
+# CUDA adaptive does max-depth work (adaptive/max-depth near 1) until attention skips the
+# halted rows on the device. Expect step 5 to be refused at start-up: FlexAttention's
+# Triton kernels want query blocks of >= 16 rows, the engine's are one decode row
+# (engine/flex_paged.py).
 # Steps 4-6 are optional: each runs only if it can end (its timeout) within SUITE_BUDGET
 # seconds of the start (default 540, under the device tool's 600 s a command), so a slow
 # early step costs the later figures, never the whole run's JSON.
