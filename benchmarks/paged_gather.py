@@ -72,23 +72,23 @@ def _plan(batch: int, context: int, block_size: int, num_blocks: int, device: st
     return AttentionPlan.build(layout, upload.upload(), workspace)
 
 
-def _attend_v0(plan: AttentionPlan, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    kv = cache[plan.decode_blocks, 1].flatten(1, 2)  # [n, W * bs, 2, Hkv, hd]
+def _sdpa_gqa(plan: AttentionPlan, kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """kv [n, W * bs, 2, Hkv, hd] -> [n, H * hd]: SDPA with `enable_gqa` (k/v repeated for
+    each query head of a group), the call before 2026-12-03."""
     k, v = kv[:, :, 0], kv[:, :, 1]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=plan.decode_key_valid[:, None, None, :], enable_gqa=True)  # [n, H, 1, hd]
     return out.flatten(1)
+
+
+def _attend_v0(plan: AttentionPlan, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return _sdpa_gqa(plan, cache[plan.decode_blocks, 1].flatten(1, 2), q)
 
 
 def _attend_gqa(plan: AttentionPlan, cache: torch.Tensor, q: torch.Tensor,
                 workspace: GatherWorkspace) -> torch.Tensor:
-    kv = gather_blocks(cache, 1, plan.decode_blocks, workspace)  # [n, W * bs, 2, Hkv, hd]
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=plan.decode_key_valid[:, None, None, :], enable_gqa=True)  # [n, H, 1, hd]
-    return out.flatten(1)
+    return _sdpa_gqa(plan, gather_blocks(cache, 1, plan.decode_blocks, workspace), q)
 
 
 def _seconds(fn, device: str, calls: int) -> float:

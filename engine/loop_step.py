@@ -36,7 +36,8 @@ class StepTokens:
     blocks: torch.Tensor  # [T] long KV block each token's k/v is written to
     offsets: torch.Tensor  # [T] long offset in that block
     plan: AttentionPlan
-    _halted: tuple[torch.Tensor, ...] | None = None
+    _halted: tuple[torch.Tensor, ...] | None = dataclasses.field(default=None, init=False,
+                                                                  repr=False)
 
     def halted_rows(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(active [T] bool False, R [T] fp32 0, depth [T] long 1) of rows that ran one step

@@ -88,8 +88,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     """One query per row: q [n, H, hd] over k, v [n, C, Hkv, hd] where valid [n, C] ->
     [n, H * hd]. The G = H / Hkv query heads that share a kv head go in as that head's G
     query positions (query head h reads kv head h // G, as `enable_gqa` has it), so the
-    keys are read once per kv head instead of being repeated G times: 1.4-1.9x faster on
-    a CPU at GQA shapes (`benchmarks/paged_gather.py`), the same numbers."""
+    keys are read once per kv head instead of being repeated G times. The same numbers;
+    on a CPU 1.05-1.2x faster with groups of 2 (`benchmarks/paged_gather.py --preset
+    tiny`), about 2x with groups of 4 (a one-off timing at 64 rows x 128 keys)."""
     rows, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     grouped = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)  # [n, Hkv, G, hd]
