@@ -83,7 +83,7 @@ def decode_batches(batch: int, steps: int = 4, logprobs: int = 0
             output.prompt_token_ids = []  # as the core sends them
         status = CoreStatus(llm.num_waiting, llm.num_running, llm.block_manager.usage(),
                             batch, llm.num_steps)
-        batches.append(OutputBatch(tuple(outputs), kept[-1], status))
+        batches.append(OutputBatch(tuple(outputs), (kept[-1],), status))
     return batches, best
 
 

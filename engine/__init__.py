@@ -12,7 +12,7 @@ from engine.errors import (
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine, StepStats
 from engine.request import CompletionOutput, RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import OutputKind, SamplingParams
 from model.config import ModelConfig
 from model.looplm import ForwardOutput, LoopLM
 from model.presets import PRESETS, get_preset
@@ -22,7 +22,7 @@ from model.weights import load_model, save_model
 __all__ = [
     "LLM", "PRESETS", "ByteTokenizer", "CheckpointError", "CompletionOutput", "ConfigError",
     "EngineConfig", "EngineDeadError", "ForwardOutput", "InvalidRequestError", "LLMEngine",
-    "LoopLM", "LoopServeError", "ModelConfig", "QueueFullError", "RequestOutput",
+    "LoopLM", "LoopServeError", "ModelConfig", "OutputKind", "QueueFullError", "RequestOutput",
     "SamplingParams", "StepStats", "TokenLogprob", "get_preset", "load_model",
     "load_tokenizer", "save_model",
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -71,11 +72,21 @@ from engine.input_processor import InputProcessor, PreparedRequest
 from engine.llm_engine import StepStats
 from engine.request import RequestOutput
 from engine.request_streams import RequestStreams
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger("loopserve.engine")
 
 POLL_SECONDS = 0.05  # how often the loop's timer looks at the core's liveness
+
+
+def watchable(request: PreparedRequest) -> PreparedRequest:
+    """Stop strings are matched here, on the text of every delta: a request with some gets
+    its deltas as they come, whatever output kind it asked for (so that it stops as soon as
+    one appears instead of running to max_tokens)."""
+    if request.params.output_kind is OutputKind.FINAL and request.params.stop:
+        params = dataclasses.replace(request.params, output_kind=OutputKind.DELTA)
+        return dataclasses.replace(request, params=params)
+    return request
 
 
 class EngineCoreClient:
@@ -272,6 +283,7 @@ class EngineCoreClient:
 
     def _admit(self, request: PreparedRequest) -> None:
         """Errors surface here, before any streaming starts; a dead core wins over a drain."""
+        request = watchable(request)
         health = self.health()
         if health.state is HealthState.DRAINING:
             raise EngineDrainingError("the server is draining and accepts no new requests")
@@ -440,13 +452,14 @@ class EngineCoreClient:
 
     def _on_batch(self, batch: OutputBatch) -> None:
         self._status = batch.status
-        if batch.stats is not None:
+        if batch.stats:
             self._last_progress = time.monotonic()
-            if self.stats_callback is not None:
-                try:
-                    self.stats_callback(batch.stats)
-                except Exception:  # noqa: BLE001 - metrics must never stop the reader
-                    logger.exception("stats callback failed")
+        if batch.stats and self.stats_callback is not None:
+            try:
+                for stats in batch.stats:
+                    self.stats_callback(stats)
+            except Exception:  # noqa: BLE001 - metrics must never stop the reader
+                logger.exception("stats callback failed")
         self._deliver_all(batch.outputs)
 
     def _on_hook_result(self, result: HookResult) -> None:

@@ -8,7 +8,8 @@ mismatched pair of processes fail loudly instead of misreading each other.
 API -> core: a `CommandBatch` of `AddRequest`, `AbortRequest`, `CallHook` (tests),
 `Shutdown`.
 Core -> API: `CoreReady` or `CoreFailed` once at start-up; then `OutputBatch` (every
-touched request's delta of one step, the step's statistics and the core's status),
+touched request's delta of one step, the statistics of every step since the last batch, and
+the core's status),
 `CoreAlive` (from the core's heartbeat thread, whenever nothing else
 went out for a while, even in the middle of a long step), `RequestFailed`, `HookResult`,
 and `CoreDied` before the core exits because its loop raised.
@@ -25,7 +26,7 @@ from engine.input_processor import InputProcessor, PreparedRequest
 from engine.llm_engine import StepStats
 from engine.request import RequestOutput
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(RuntimeError):
@@ -94,7 +95,7 @@ class CoreStatus:
 @dataclasses.dataclass(frozen=True)
 class OutputBatch:
     outputs: tuple[RequestOutput, ...]
-    stats: StepStats | None
+    stats: tuple[StepStats, ...]  # oldest first; empty when no step ran since the last batch
     status: CoreStatus
 
 

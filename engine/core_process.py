@@ -3,10 +3,14 @@
 `run_core` is the process's entry point (spawned by `EngineCoreClient`). It loads the model,
 answers `CoreReady` (or `CoreFailed` with the load error), then loops: take every command
 waiting on the socket, run one engine step while requests are unfinished, and send one
-`OutputBatch` with the deltas of every request the step touched, the step's statistics and
-the core's status. The loop writes its messages itself, under a lock it shares with the
-heartbeat: a sender thread, tried, cost the step 7-10% at concurrency 1 (each torch op
-releases the GIL, and a second runnable thread turns every release into a hand-off).
+`OutputBatch` with the deltas of every request the step touched, the statistics of the steps
+since the last batch and the core's status. A step with no delta (every request it ran
+wants only its final output, `OutputKind.FINAL`) sends nothing unless its statistics have
+waited `STATS_SECONDS` or the core goes idle: the API process is not woken every step for
+metrics it reads once per scrape. The loop writes its messages itself, under a lock it
+shares with the heartbeat: a sender thread, tried, cost the step 7-10% at concurrency 1
+(each torch op releases the GIL, and a second runnable thread turns every release into a
+hand-off).
 A heartbeat thread sends `CoreAlive` whenever nothing went out for
 `HEARTBEAT_SECONDS` (idle, between empty steps, or in the middle of a long one), with
 how long the loop has been in its current iteration: the process is known to run even
@@ -63,6 +67,7 @@ from engine.request import RequestOutput
 logger = logging.getLogger("loopserve.engine")
 
 HEARTBEAT_SECONDS = 0.1
+STATS_SECONDS = HEARTBEAT_SECONDS / 2  # the oldest step statistics held back, at most
 PR_SET_PDEATHSIG = 1
 
 
@@ -115,11 +120,14 @@ class EngineCore:
         self.last_sent = 0.0
         self.iteration_started = time.monotonic()
         self._write_lock = threading.Lock()  # one message at a time on the socket
-        self._stats: StepStats | None = None
+        self._stats: list[StepStats] = []  # of the steps since the last batch
+        self._stats_since = 0.0  # when the oldest of them was kept
         llm.stats_callback = self._keep_stats
 
     def _keep_stats(self, stats: StepStats) -> None:
-        self._stats = stats
+        if not self._stats:
+            self._stats_since = time.monotonic()
+        self._stats.append(stats)
 
     def run(self) -> None:
         threading.Thread(target=self._heartbeat, name="loopserve-core-heartbeat",
@@ -144,8 +152,15 @@ class EngineCore:
         if self.stop or not self.llm.has_unfinished():
             return  # idle: the heartbeat thread tells the API process the core is alive
         outputs = self.llm.step()
-        if outputs or self._stats is not None:  # an empty step changed no status
+        if outputs or self._stats_due():  # an empty step changed no status
             self._send_batch(outputs)
+
+    def _stats_due(self) -> bool:
+        """Held statistics go out once they are old enough, or when the core goes idle."""
+        if not self._stats:
+            return False
+        return (time.monotonic() - self._stats_since >= STATS_SECONDS
+                or not self.llm.has_unfinished())
 
     def _heartbeat_due(self) -> bool:
         return time.monotonic() - self.last_sent >= HEARTBEAT_SECONDS
@@ -217,7 +232,7 @@ class EngineCore:
     def _send_batch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             output.prompt_token_ids = []  # the API process has them: not again every token
-        stats, self._stats = self._stats, None
+        stats, self._stats = tuple(self._stats), []
         self._send(OutputBatch(tuple(outputs), stats, self._status()))
 
     def _send(self, message: FromCore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from engine.engine_config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.request import CompletionOutput, RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import OutputKind, SamplingParams
 from model.looplm import LoopLM
 from model.tokenizer import Tokenizer, load_tokenizer
 from model.weights import resolve_dtype
@@ -44,8 +45,9 @@ class LLM:
         """Outputs in prompt order; one SamplingParams for all or one per prompt."""
         prompts = _as_prompt_list(prompts)
         all_params = _as_params_list(params, len(prompts))
-        prepared = [self.engine.prepare(p, sp) for p, sp in zip(prompts, all_params,
-                                                                strict=True)]
+        # every output is merged before it is returned: no request needs a delta sooner
+        prepared = [self.engine.prepare(p, dataclasses.replace(sp, output_kind=OutputKind.FINAL))
+                    for p, sp in zip(prompts, all_params, strict=True)]
         ids = [self.engine.add_request(request) for request in prepared]
         finals: dict[str, RequestOutput] = {}
         accumulated: dict[str, dict[int, CompletionOutput]] = {i: {} for i in ids}

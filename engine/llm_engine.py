@@ -32,7 +32,7 @@ from engine.request import Request, RequestOutput
 from engine.runner import DeviceStepOutput, ModelRunner, StepInput, StepOutput
 from engine.sampler import Sampler
 from engine.sampling_batch import take_rows
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import OutputKind, SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from model.flops import FlopTable
 from model.looplm import LoopLM
@@ -291,6 +291,10 @@ class LLMEngine:
     def _output_for(self, parent_id: str) -> RequestOutput | None:
         children = self.requests.get(parent_id)
         if children is None:
+            return None
+        if (children[0].params.output_kind is OutputKind.FINAL
+                and any(c.finish_reason is None for c in children)):
+            children[0].held_delta_times.append(time.monotonic())
             return None
         deltas = [d for c in children if (d := completion_delta(c)) is not None]
         output = request_output(parent_id, children, deltas)

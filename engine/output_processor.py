@@ -8,6 +8,8 @@ As in vLLM, stop strings are looked for only once more than min_tokens tokens ar
 the request's first output after its prompt is scored. An engine built with
 `detokenize=False` (the engine-core process) leaves text and stop strings to the API process
 (`engine.detokenizer`): its requests have no detokenizer and their outputs carry ids only.
+A request of `OutputKind.FINAL` gets no delta until it finishes; its final output then holds
+everything, and its metrics the times at which each held-back delta would have gone out.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 from engine.compute_stats import ComputeSummary
 from engine.request import CompletionOutput, Request, RequestOutput, TokenLogprob
+from engine.sampling_params import OutputKind
 
 
 def append_token(request: Request, token_id: int, logprob: TokenLogprob | None) -> None:
@@ -125,4 +128,6 @@ def request_output(parent_id: str, children: list[Request], deltas: list[Complet
             "finished_time": time.monotonic(),
             "num_preemptions": sum(c.num_preemptions for c in children),
         }
+        if first.params.output_kind is OutputKind.FINAL:  # for inter-token latency metrics
+            output.metrics["held_delta_times"] = first.held_delta_times
     return output

@@ -66,6 +66,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # OutputKind.FINAL (leader only): when each step that a delta would have left held it back
+    held_delta_times: list[float] = dataclasses.field(default_factory=list)
     # detokenized text so far and how much of it was already handed out
     text: str = ""
     emitted_text_len: int = 0

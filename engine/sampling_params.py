@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import NoReturn
 
@@ -51,6 +52,19 @@ def _as_bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
     return tuple(sorted((token, float(value)) for token, value in pairs))
 
 
+class OutputKind(enum.Enum):
+    """When the engine hands out a request's tokens (vLLM's RequestOutputKind, less
+    CUMULATIVE): DELTA after every step that produced some, FINAL once, when the request
+    finishes, with everything (a whole HTTP response needs nothing sooner: no output is built,
+    sent or woken for in between)."""
+
+    DELTA = "delta"
+    FINAL = "final"
+
+
+_OUTPUT_KINDS = frozenset(kind.value for kind in OutputKind)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling and compute options (DESIGN section 5).
@@ -61,7 +75,7 @@ class SamplingParams:
     (score the prompt only). min_tokens masks eos and stop_token_ids (and defers stop
     strings) until that many tokens are generated. logit_bias is stored as sorted
     (token id, bias) pairs so that the object stays hashable. priority orders admission
-    under the priority policy (lower first, as vLLM).
+    under the priority policy (lower first, as vLLM). output_kind: see `OutputKind`.
     """
 
     max_tokens: int = 16
@@ -84,6 +98,7 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
     priority: int = 0
+    output_kind: OutputKind = OutputKind.DELTA
 
     def __post_init__(self) -> None:
         # lists are accepted for convenience and stored as tuples (the object stays hashable)
@@ -119,6 +134,11 @@ class SamplingParams:
             _fail("stop_token_ids", "stop_token_ids must be non-negative integers")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             _fail("seed", f"seed must be an integer between 0 and {MAX_SEED}, got {self.seed!r}")
+        if isinstance(self.output_kind, str) and self.output_kind in _OUTPUT_KINDS:
+            object.__setattr__(self, "output_kind", OutputKind(self.output_kind))
+        if not isinstance(self.output_kind, OutputKind):
+            _fail("output_kind", f"output_kind must be one of "
+                                 f"{[k.value for k in OutputKind]}, got {self.output_kind!r}")
         if not _is_int(self.priority) or not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
             _fail("priority", f"priority must be an integer between -{MAX_PRIORITY} and "
                               f"{MAX_PRIORITY}, got {self.priority!r}")

@@ -238,7 +238,9 @@ class ServerMetrics:
 class RequestObserver:
     """Per-request latency, token and compute metrics, fed with each delta on the event loop.
 
-    Times are `time.monotonic()` seconds, the engine's clock.
+    Times are `time.monotonic()` seconds, the engine's clock (system-wide on Linux and
+    macOS: a final-only request's held delta times, taken in the engine-core process, are
+    on the same clock as this process's arrival time).
     """
 
     __slots__ = ("metrics", "exemplar", "arrival", "last", "done", "finished_choices")
@@ -255,11 +257,11 @@ class RequestObserver:
         now = time.monotonic()
         m = self.metrics
         if self.last is None:
-            m.ttft.observe(now - self.arrival, self.exemplar)
             m.prompt_tokens.inc(len(delta.prompt_token_ids))
-        else:
-            m.itl.observe(now - self.last, self.exemplar)
-        self.last = now
+        # a final-only request's output also says when its held-back deltas were ready
+        held = (delta.metrics or {}).get("held_delta_times", ()) if delta.finished else ()
+        for emitted in (*held, now):
+            self._on_emitted(emitted)
         new_tokens = 0
         for choice in delta.outputs:
             new_tokens += len(choice.token_ids)
@@ -269,6 +271,14 @@ class RequestObserver:
             m.generation_tokens.inc(new_tokens)
         if delta.finished:
             self._on_finish(delta, now)
+
+    def _on_emitted(self, when: float) -> None:
+        """Time to first token, then inter-token latency, of one (possibly held) delta."""
+        if self.last is None:
+            self.metrics.ttft.observe(when - self.arrival, self.exemplar)
+        else:
+            self.metrics.itl.observe(when - self.last, self.exemplar)
+        self.last = when
 
     def _on_finish(self, final: RequestOutput, now: float) -> None:
         reasons = [reason for reason, _ in self.finished_choices.values()]

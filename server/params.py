@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from engine.errors import InvalidRequestError
 from engine.input_processor import InputProcessor, PreparedRequest
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import OutputKind, SamplingParams
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -74,7 +74,9 @@ def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None
         halt_threshold=body.halt_threshold, max_loops=body.max_loops,
         prompt_logprobs=prompt_logprobs_count(body), min_tokens=_value(body.min_tokens, 0),
         logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
-        priority=_value(body.priority, 0))
+        priority=_value(body.priority, 0),
+        # a whole response needs nothing before the end: no per-token delta is built or sent
+        output_kind=OutputKind.DELTA if body.stream else OutputKind.FINAL)
 
 
 def _max_tokens(requested: int | None, prompt_len: int, engine: InputProcessor, param: str

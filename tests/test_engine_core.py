@@ -5,6 +5,7 @@ requests 503, no hang), and that no core process outlives the server."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -26,6 +27,7 @@ from engine.core_messages import (
     decode,
     encode,
 )
+from engine.core_process import STATS_SECONDS
 from engine.request import CompletionOutput, RequestOutput
 from tests.server_helpers import LiveServer, make_checkpoint, sse_events, stream_json
 from tests.test_server_lifecycle import REPO, _free_port, _wait_healthy
@@ -79,7 +81,7 @@ def wait_until(predicate, timeout: float, what: str) -> float:
 
 def test_messages_round_trip_and_carry_their_version():
     output = RequestOutput("r1", [1, 2], [CompletionOutput(0, [5], "x")], finished=False)
-    batch = decode(encode(OutputBatch((output,), None, None)))
+    batch = decode(encode(OutputBatch((output,), (), None)))
     assert batch.outputs[0].outputs[0].token_ids == [5]
     assert decode(encode(AbortRequest("r1"))) == AbortRequest("r1")
     import pickle
@@ -284,19 +286,43 @@ def test_a_stop_string_found_in_the_api_process_ends_the_request_in_the_core(che
         server.assert_no_blocks_owned()
         # aborted in the core at the stop, not run on to max_tokens
         assert server.in_core("num_steps") - steps < text.index(stop) + 10
+        # a whole response with a stop string is watched delta by delta all the same
+        steps = server.in_core("num_steps")
+        whole = http.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+        assert (whole["text"], whole["finish_reason"]) == (text[:text.index(stop)], "stop")
+        assert server.in_core("num_steps") - steps < text.index(stop) + 10
+        server.assert_no_blocks_owned()
 
 
 def test_the_core_step_statistics_and_ipc_cost_reach_the_api_registry(checkpoint):
+    """Every step's statistics arrive; a whole response costs a few messages, not one per
+    token (final-only output, statistics held until a batch goes out); a stream one per
+    token."""
+    body = {"prompt": "count", "max_tokens": 24, "ignore_eos": True}
     with LiveServer(checkpoint) as server, httpx.Client(base_url=server.url) as http:
-        http.post("/v1/completions", json={"prompt": "count", "max_tokens": 8,
-                                           "ignore_eos": True})
         sample = server.state.metrics.registry.get_sample_value
         labels = {"model_name": "tiny-test"}
-        assert sample("loopserve_layer_tokens_total", {**labels, "layer": "0"}) > 8
-        messages = sample("loopserve_engine_core_messages_total", labels)
+
+        def messages() -> float:
+            return sample("loopserve_engine_core_messages_total", labels)
+
+        def step_count() -> float:
+            return sample("loopserve_engine_step_seconds_count", labels)
+
+        before, steps, start = messages(), step_count(), time.monotonic()
+        http.post("/v1/completions", json=body).raise_for_status()
+        elapsed = time.monotonic() - start
+        assert step_count() - steps == 24  # the prompt's step, then one per token
+        assert sample("loopserve_layer_tokens_total", {**labels, "layer": "0"}) > 24
+        # the add's answer, the final output, and statistics (or a heartbeat) at most every
+        # STATS_SECONDS while the steps ran
+        assert messages() - before <= 2 + math.ceil(elapsed / STATS_SECONDS)
+        before = messages()
+        stream_json(http, "/v1/completions", body)
+        assert messages() - before >= 24  # a delta every step
         size = sample("loopserve_engine_core_bytes_total", labels)
-        assert messages >= 8 and size > messages * 50  # a batch per step, and heartbeats
-        assert messages <= server.state.engine.ipc_counts()[0]  # read live at scrape time
+        assert size > messages() * 50
+        assert messages() <= server.state.engine.ipc_counts()[0]  # read live at scrape time
 
 
 def test_the_core_freezes_its_start_up_heap_and_still_collects_new_garbage(checkpoint):

@@ -14,14 +14,14 @@ pytest.importorskip("zmq")
 
 def test_msgpack_and_pickle_bring_back_the_same_batch():
     (batch, *_), step_s = decode_batches(3, steps=1, logprobs=2)
-    assert step_s > 0 and len(batch.outputs) == 3 and batch.stats is not None
+    assert step_s > 0 and len(batch.outputs) == 3 and len(batch.stats) == 1
     enc, dec = msgpack_codec()
     for back in (dec(enc(batch)), decode(encode(batch))):
         assert [o.request_id for o in back.outputs] == [o.request_id for o in batch.outputs]
         assert [o.outputs[0].token_ids for o in back.outputs] == [
             o.outputs[0].token_ids for o in batch.outputs]
         assert back.status == batch.status
-        assert back.stats.layer_iterations == batch.stats.layer_iterations
+        assert back.stats[0].layer_iterations == batch.stats[0].layer_iterations
         assert _logprobs(back) == _logprobs(batch)  # msgpack: tuples come back as lists
     assert all(_logprobs(batch))  # every request's delta carries its logprobs
 
