@@ -17,6 +17,11 @@ index tensors a call (~0.4 GB at an H200-sized pool and 256 rows); instead each 
 strided view of its [n, W] rows that reads on into the next row and a zero tail past the
 last: num_blocks * N + n * W entries, and only the first W of a row are ever read.
 
+Start-up checks the compiled kernel against the gather path on the real pool:
+torch 2.13's CPU kernel was measured to return wrong values at block size 8 (fp32 and
+bf16; 4, 16 and 32 were right) on an AVX2 machine, so a backend that would answer wrongly
+refuses to start, naming the flags that avoid it (`engine/flex_probe.py`).
+
 The compiled kernel is one per process (dynamic row counts; a new pool shape, dtype or
 block size compiles again): its mask reads one module-level offsets buffer per device, since
 a mask closing over a per-engine tensor recompiles for every engine.
@@ -53,6 +58,9 @@ def _offsets(device: torch.device) -> torch.Tensor:
 def _compiled() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
+    # one graph per pool shape, dtype and block size, for one row and for many: a process
+    # with several engines (tests, benchmarks) passes dynamo's default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # counted: the op counter sees its launches (on CPU, with kernel profiling on)
     return counted(torch.compile(flex_attention, fullgraph=True, dynamic=True))
 
@@ -134,3 +142,4 @@ class FlexDecode:
         _offsets(cache.device)[:q.shape[0]] = mask.offsets
         out = _compiled()(q.unsqueeze(2), keys, values, block_mask=mask.mask, enable_gqa=True)
         return out.flatten(1)  # [n, H, 1, hd] -> [n, H * hd]
+

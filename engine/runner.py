@@ -24,6 +24,7 @@ import dataclasses
 
 import torch
 
+from engine import flex_probe
 from engine.block_manager import BlockCopy
 from engine.errors import ConfigError
 from engine.flex_paged import FlexDecode
@@ -118,6 +119,8 @@ class ModelRunner:
         if self.flex is not None:
             try:  # before any graph capture, as the chains
                 self._warm_up_flex()
+            except ConfigError:  # it compiled, and answers wrongly
+                raise
             except Exception as exc:
                 raise ConfigError(f"attention_backend 'flex': torch.compile failed at "
                                   f"start-up ({type(exc).__name__}: {exc}); run with "
@@ -294,16 +297,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_flex(self) -> None:
-        """Compile the flex kernel now: one decode row, then two (one graph for a single
-        row, one for any number), over the scratch block of layer 0's pool."""
-        cfg, cache = self.config, self.kv_caches[0]
-        scratch = cache.shape[0] - 1
-        for rows in (1, 2):
-            blocks = torch.full((rows, 1), scratch, dtype=torch.long, device=cache.device)
-            contexts = torch.ones(rows, dtype=torch.long, device=cache.device)
-            q = torch.zeros(rows, cfg.n_heads, cfg.head_dim, dtype=cache.dtype,
-                            device=cache.device)
-            self.flex.attend(cache, q, self.flex.mask(cache, 0, blocks, contexts))
+        """Compile the flex kernel now, over the scratch block of layer 0's pool, and hold
+        it to the gather path (`engine/flex_probe.py`)."""
+        cache = self.kv_caches[0]
+        flex_probe.probe(self.flex, cache, cache.shape[0] - 1, self.config.n_heads)
 
     def _first_masked(self, index: int, tokens: StepTokens, h: torch.Tensor) -> LayerState:
         if self.fused is not None:

@@ -11,8 +11,10 @@ import shutil
 import pytest
 import torch
 
+from engine import flex_probe
 from engine.errors import ConfigError
 from engine.flex_paged import FlexDecode
+from engine.flex_probe import check, probe
 from engine.llm import LLM
 from engine.paged_attention import gather_blocks
 from engine.sampling_params import SamplingParams
@@ -42,8 +44,12 @@ def _gathered(cache: torch.Tensor, plane: int, blocks: torch.Tensor, contexts: t
     return out.flatten(1)
 
 
-@pytest.mark.parametrize("block_size, dtype", [(4, torch.float32), (8, torch.bfloat16)])
-def test_one_call_equals_the_gather_path(block_size, dtype):
+@pytest.mark.parametrize("block_size, dtype", [(4, torch.float32), (8, torch.float32),
+                                               (8, torch.bfloat16), (16, torch.bfloat16)])
+def test_one_call_equals_the_gather_path_or_start_up_refuses_it(block_size, dtype):
+    """Any block table, or, where torch's compiled kernel is wrong on this machine (block
+    size 8 on an AVX2 CPU with torch 2.13), the start-up probe refuses and the full
+    comparison confirms the kernel is wrong."""
     gen = torch.Generator().manual_seed(0)
     cache = torch.randn(30, 3, block_size, 2, 2, 8, generator=gen).to(dtype)
     # row 0 ends on a block boundary, rows 1 and 2 share their first block (a prefix hit),
@@ -54,10 +60,38 @@ def test_one_call_equals_the_gather_path(block_size, dtype):
     flex = FlexDecode(torch.device("cpu"), 8)
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2,
                                                                             "atol": 2e-2}
-    for plane in range(3):
-        mask = FlexDecode.mask(cache, plane, blocks, contexts)
-        torch.testing.assert_close(flex.attend(cache, q, mask),
-                                   _gathered(cache, plane, blocks, contexts, q), **tolerance)
+    calls = [(flex.attend(cache, q, FlexDecode.mask(cache, plane, blocks, contexts)),
+              _gathered(cache, plane, blocks, contexts, q)) for plane in range(3)]
+    try:
+        probe(flex, cache, 29, heads=4)
+    except ConfigError as exc:
+        assert "--attention-backend gather" in str(exc) and f"block_size {block_size}" in str(exc)
+        assert not all(torch.allclose(got, want, **tolerance) for got, want in calls)
+        return
+    for got, want in calls:
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_the_probe_refuses_a_kernel_that_answers_wrongly():
+    want = torch.randn(2, 32)
+    check(want + 1e-6, want, 16)  # within fp32 rounding: accepted
+    for wrong in (want + 0.5, torch.full_like(want, float("nan"))):
+        with pytest.raises(ConfigError, match="block_size 16 in float32.*--attention-backend "
+                                              "gather"):
+            check(wrong, want, 16)
+
+
+def test_start_up_runs_the_probe_and_reports_its_refusal(monkeypatch):
+    seen = []
+
+    def refuse(got, want, block_size):
+        seen.append(block_size)
+        raise ConfigError("wrong attention (a test's refusal)")
+
+    monkeypatch.setattr(flex_probe, "check", refuse)
+    with pytest.raises(ConfigError, match="a test's refusal"):
+        LLM(make_model(seed=3), block_size=4, num_kv_blocks=16, attention_backend="flex")
+    assert seen == [4]
 
 
 @pytest.fixture(scope="module")
