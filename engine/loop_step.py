@@ -4,16 +4,20 @@
 mixture, remaining mass R, whether it still loops, its depth, gate sums and the k/v of its
 last computed step. A (layer, step) runs in one of two forms (DESIGN section 4):
 
-- **masked** (fixed shape): every row goes through the step; halted rows keep their state
-  and mixture by `torch.where`, plane t receives `where(active, kv_t, kv_last)` (the KV
-  rule without copies). No data-dependent shape and no host sync: capturable as a graph.
+- **masked** (fixed shape): every row goes through the step; plane t receives
+  `where(active, kv_t, kv_last)` (the KV rule without copies). No data-dependent shape and
+  no host sync: capturable as a graph. A halted row's state goes on looping (its h_t is
+  what a max-depth run computes for it, so it stays finite) while it adds nothing: its R
+  is 0, so its ACT weight is 0, and its gates and depth are masked by `active`.
 - **compacted**: the active rows are gathered into a smaller batch (fewer FLOPs; the
   active count is data-dependent, so `nonzero` costs a host sync on a GPU) and scattered
   back; plane t receives the same `kv_last` with the active rows replaced.
 
 Both write plane t for every row, so the forms mix freely from one step to the next, and
 both equal `LoopLM.reference_forward`. A row's R is set to 0 when it halts (its leftover
-mass has gone to its last state), so later steps add nothing for it without a mask.
+mass has gone to its last state), so later steps add nothing for it without a mask. Only
+the active rows' state is ever read (the compacted form gathers those), and nothing reads
+a layer's state after its last step.
 """
 
 from __future__ import annotations
@@ -38,16 +42,26 @@ class StepTokens:
     plan: AttentionPlan
     _halted: tuple[torch.Tensor, ...] | None = dataclasses.field(default=None, init=False,
                                                                   repr=False)
+    _zero_gates: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
 
     def halted_rows(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(active [T] bool False, R [T] fp32 0, depth [T] long 1) of rows that ran one step
-        and halted, made once per step and shared by every one-loop layer (read only)."""
+        and halted, made once per step and shared by every one-loop layer; the depth is
+        every layer's after step 1 (read only: later steps replace it, never update it)."""
         if self._halted is None:
             total, device = like.shape[0], like.device
             self._halted = (torch.zeros(total, dtype=torch.bool, device=device),
                             torch.zeros(total, dtype=torch.float32, device=device),
                             torch.ones(total, dtype=torch.long, device=device))
         return self._halted
+
+    def zero_gates(self, like: torch.Tensor) -> torch.Tensor:
+        """[T, 2] fp32 zeros: the gates of a layer without memory, made once per step and
+        shared by every such layer (read only: its gate sums are never added to)."""
+        if self._zero_gates is None:
+            self._zero_gates = torch.zeros(like.shape[0], 2, dtype=torch.float32,
+                                           device=like.device)
+        return self._zero_gates
 
     @property
     def rope_pairs(self) -> torch.Tensor:
@@ -59,7 +73,7 @@ class StepTokens:
 class LayerState:
     """Every token of the step inside one layer, updated in place step by step."""
 
-    state: torch.Tensor  # [T, D] h_{t-1} (model dtype)
+    state: torch.Tensor  # [T, D] h_{t-1} of the active rows (model dtype; halted: unread)
     mixture: torch.Tensor  # [T, D] fp32: sum of p_t h_t (+ R h_d at the halt); h_1 in a
     # one-loop model (model dtype: its only step takes all the mass)
     remaining: torch.Tensor  # [T] fp32: R
@@ -107,22 +121,26 @@ def _project(block: ServingBlock, tokens: StepTokens, state: torch.Tensor
              ) -> tuple[torch.Tensor, ...]:
     """Every row's memory read and projections: x [T, D], gates [T, 2], q [T, H, hd] and
     this step's k/v [T, 2, Hkv, hd] (the masked forms' common start)."""
-    x, gates = block.read_memory(state)
+    if block.has_memory:
+        x, gates = block.read_memory(state)
+    else:  # nothing to read, and no gates to sum
+        x, gates = state, tokens.zero_gates(state)
     return x, gates, *block.project_qkv(x, tokens.rope)
 
 
 def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
                 layer: LayerState, step: int) -> None:
-    """Every row through (layer, step); halted rows keep what they have (their R is 0, so
-    they add nothing to the mixture)."""
+    """Every row through (layer, step); halted rows keep their mixture, R, depth, gates and
+    k/v (their R is 0, so their weight is 0) and loop on in `state` unread."""
     active = layer.active
     x, gates, q, kv = _project(block, tokens, layer.state)
     if layer.kv_last is not None:
         kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
     write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q), step)
-    layer.gate_sum.addcmul_(gates, active.unsqueeze(-1))
-    layer.depth += active
+    if block.has_memory:
+        layer.gate_sum.addcmul_(gates, active.unsqueeze(-1))
+    layer.depth = layer.depth + active  # not in place: step 1's depth is shared
     layer.kv_last = kv
     if step == block.cfg.max_loops:
         _last_masked_step(layer, h)
@@ -130,7 +148,7 @@ def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     weight, layer.remaining, halted = _halting(block, h, layer.remaining,
                                                tokens.halt_below[step - 1], step)
     layer.mixture.addcmul_(weight.unsqueeze(-1), h)  # fp32 += fp32 * h: no cast kernel
-    layer.state = torch.where(active.unsqueeze(-1), h, layer.state)
+    layer.state = h  # halted rows too (unread: see the module docstring)
     layer.active = active > halted  # active and not halted, in one kernel
 
 
@@ -161,8 +179,7 @@ def first_masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepToke
     weight = torch.addcmul(lam, left, halted)  # [T]
     return LayerState(state=h1, mixture=weight.unsqueeze(-1) * h1,  # fp32 [T, D]
                       remaining=left.masked_fill(halted, 0.0), active=halted.logical_not(),
-                      depth=torch.ones(h.shape[0], dtype=torch.long, device=h.device),
-                      gate_sum=gates.float(), kv_last=kv)
+                      depth=tokens.halted_rows(h1)[2], gate_sum=gates.float(), kv_last=kv)
 
 
 def _one_loop_state(tokens: StepTokens, h1: torch.Tensor, gates: torch.Tensor,
@@ -190,8 +207,9 @@ def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     kv = kv_rows if layer.kv_last is None else layer.kv_last.index_copy(0, rows, kv_rows)
     write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, rows, q), step)
-    layer.gate_sum.index_add_(0, rows, gates.float())
-    layer.depth.index_add_(0, rows, torch.ones_like(rows))
+    if block.has_memory:
+        layer.gate_sum.index_add_(0, rows, gates.float())
+    layer.depth = layer.depth.index_add(0, rows, torch.ones_like(rows))  # step 1's is shared
     layer.kv_last = kv
     remaining = layer.remaining.index_select(0, rows)
     if step == block.cfg.max_loops:  # as `_last_masked_step`: the rows halt with p = R

@@ -134,7 +134,9 @@ class ServingBlock:
         heads, hd = cfg.n_heads + cfg.n_kv_heads, cfg.head_dim
         qkv = F.linear(F.rms_norm(x, (x.shape[-1],), None, self.eps), self.qkv_weight)
         qk = qkv[:, :heads * hd].unflatten(-1, (heads, hd))  # [T, heads, hd] view
-        normed = F.rms_norm(qk.float(), (hd,), None, self.eps) * self.qk_norm
+        # [T, heads, hd] fp32: rms_norm computes in fp32 whatever its input (a bf16 model
+        # gets the norm rounded to bf16 before the weight; the reference rounds after it)
+        normed = F.rms_norm(qk, (hd,), None, self.eps) * self.qk_norm
         pairs = torch.view_as_complex(normed.unflatten(-1, (hd // 2, 2)))
         if qk.dtype == torch.float32:  # rotate straight into place: one kernel
             torch.mul(pairs, rope, out=torch.view_as_complex(qk.unflatten(-1, (hd // 2, 2))))
