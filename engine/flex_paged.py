@@ -17,10 +17,8 @@ index tensors a call (~0.4 GB at an H200-sized pool and 256 rows); instead each 
 strided view of its [n, W] rows that reads on into the next row and a zero tail past the
 last: num_blocks * N + n * W entries, and only the first W of a row are ever read.
 
-Start-up checks the compiled kernel against the gather path on the real pool:
-torch 2.13's CPU kernel was measured to return wrong values at block size 8 (fp32 and
-bf16; 4, 16 and 32 were right) on an AVX2 machine, so a backend that would answer wrongly
-refuses to start, naming the flags that avoid it (`engine/flex_probe.py`).
+Start-up holds the compiled kernel to the gather path on the real pool and refuses a
+kernel that answers wrongly (`engine/flex_probe.py` says where torch's does).
 
 The compiled kernel is one per process (dynamic row counts; a new pool shape, dtype or
 block size compiles again): its mask reads one module-level offsets buffer per device, since
@@ -142,4 +140,3 @@ class FlexDecode:
         _offsets(cache.device)[:q.shape[0]] = mask.offsets
         out = _compiled()(q.unsqueeze(2), keys, values, block_mask=mask.mask, enable_gqa=True)
         return out.flatten(1)  # [n, H, 1, hd] -> [n, H * hd]
-
