@@ -153,7 +153,8 @@ class OpCounter:
     def _compiled(self, launches: list[str]) -> None:
         """What one call of compiled code launched (profiler names, see fused_chains)."""
         for name in launches:
-            op = name.replace("::", ".") if name.startswith("aten::") else "inductor.fused"
+            op = name.replace("::", ".") if name.startswith("aten::") else \
+                name if name.startswith("triton.") else "inductor.fused"
             if op.removeprefix("aten.") in DATA_DEPENDENT or op == "aten._local_scalar_dense":
                 self._sync(op, "compiled")
             self._kernel(op)

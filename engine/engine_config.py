@@ -11,7 +11,7 @@ from engine.errors import ConfigError
 MODES = ("adaptive", "max_depth")
 LOOP_FORMS = ("auto", "masked", "compacted")
 STATIC_DECODE = ("auto", "on", "off")
-ATTENTION_BACKENDS = ("gather", "flex")
+ATTENTION_BACKENDS = ("gather", "flex", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +37,9 @@ class EngineConfig:
     static_decode: str = "auto"
     # masked loop steps through torch.compile'd chains (fewer kernels; compiles at start-up)
     compile_chains: bool = False
-    # decode attention: gather (each row's blocks copied, then SDPA) or flex (FlexAttention
-    # reading the pool in place; compiled at start-up); prefill chunks gather either way
+    # decode attention: gather (each row's blocks copied, then SDPA), flex (FlexAttention
+    # reading the pool in place; compiled at start-up) or triton (a paged kernel reading
+    # each row's blocks in place, halted rows one key; CUDA); prefill chunks gather always
     attention_backend: str = "gather"
     seed: int = 0
     num_threads: int | None = None  # CPU threads of torch (process-wide); None: torch's choice

@@ -97,6 +97,8 @@ class FlexMask:
 class FlexDecode:
     """The decode rows' attention of one (layer, plane) through the compiled FlexAttention."""
 
+    name = "flex"
+
     def __init__(self, device: torch.device, max_rows: int) -> None:
         # inductor builds C++ on a CPU, and Triton its launchers with a C compiler on a GPU
         require_compiler("attention_backend 'flex'", "--attention-backend gather")

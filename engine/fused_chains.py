@@ -254,6 +254,19 @@ class CompiledChains:
         return counted(torch.compile(fn, fullgraph=True))
 
 
+def launch_counted(name: str, launch: Callable[[], object]) -> None:
+    """Run `launch`, one kernel no aten op stands for (a Triton kernel): while any
+    `count_launches` listener listens, with the modes suspended (its host-side work is not
+    the device's), reported as one launch named `name`."""
+    if not _LISTENERS:
+        launch()
+        return
+    with _modes_suspended():
+        launch()
+    for report in list(_LISTENERS):
+        report([name])
+
+
 def counted(compiled: Callable) -> Callable:
     """`compiled` (a torch.compile'd function), reporting its launches to `count_launches`'
     listeners while any listen. Modes are suspended for the call, so syncs inside it are not

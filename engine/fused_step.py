@@ -56,7 +56,7 @@ class FusedLayer:
         x, gates, q, kv = self.pre(layer.state, tokens.rope_pairs, layer.kv_last,
                                    layer.active, self.weights, self.shapes)
         write_plane(cache, tokens, step - 1, kv)
-        attn = tokens.plan.attend(cache, step - 1, None, q)
+        attn = tokens.plan.attend(cache, step - 1, None, q, layer.active)
         before = (layer.state, layer.mixture, layer.remaining, layer.active, layer.depth,
                   layer.gate_sum)
         (layer.state, layer.mixture, layer.remaining, layer.active, layer.depth,

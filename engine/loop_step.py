@@ -137,7 +137,7 @@ def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     if layer.kv_last is not None:
         kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
     write_plane(cache, tokens, step - 1, kv)
-    h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q), step)
+    h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q, active), step)
     if block.has_memory:
         layer.gate_sum.addcmul_(gates, active.unsqueeze(-1))
     layer.depth = layer.depth + active  # not in place: step 1's depth is shared

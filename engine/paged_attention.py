@@ -15,7 +15,9 @@ contiguous [bs, 2, Hkv, hd] run) into a `GatherWorkspace` that lives as long as 
 on a CPU, aten's multi-index gather into a fresh buffer costs 2-6x more (it computes each
 element's offset, and a fresh buffer of hundreds of MB at long contexts pays a page fault
 per 4 KiB it touches; `benchmarks/paged_gather.py` measures both). With a `FlexDecode`
-(`--attention-backend flex`) the decode calls read the pool in place instead.
+(`--attention-backend flex`) or a `TritonDecode` (`--attention-backend triton`) the decode
+calls read the pool in place instead; the Triton kernel also reads a halted row's one key
+only, in the masked form.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from engine.flex_paged import FlexDecode, FlexMask
 from engine.step_upload import StepUpload
+from engine.triton_paged import TritonDecode
 
 
 class GatherWorkspace:
@@ -131,6 +134,7 @@ class AttentionPlan:
     decode_contexts: torch.Tensor | None = None  # [S_d] positions each decode attends to
     workspace: GatherWorkspace | None = None  # where calls gather k/v (None: fresh tensors)
     flex: FlexDecode | None = None  # decodes read the pool in place (no gather) when set
+    paged: TritonDecode | None = None  # decodes read the pool in place, to their lengths
     # plane -> the flex mask of every decode row: built by the step's first layer, reused
     flex_masks: dict[int, FlexMask] = dataclasses.field(default_factory=dict)
     # dtype -> decode_key_valid as an additive mask: made by the step's first layer, reused
@@ -158,8 +162,8 @@ class AttentionPlan:
 
     @classmethod
     def build(cls, layout: dict, uploaded: dict[str, torch.Tensor],
-              workspace: GatherWorkspace | None = None, flex: FlexDecode | None = None
-              ) -> AttentionPlan:
+              workspace: GatherWorkspace | None = None, flex: FlexDecode | None = None,
+              paged: TritonDecode | None = None) -> AttentionPlan:
         """The plan from `pack`'s layout and the uploaded tensors (no further copies)."""
         num_decodes, block_size, ends = layout["num_decodes"], layout["block_size"], \
             layout["ends"]
@@ -174,24 +178,28 @@ class AttentionPlan:
         slice_starts = uploaded["slice_starts"]
         return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded,
                    slice_starts[1:], slice_starts, ends, uploaded["decode_contexts"],
-                   workspace, flex)
+                   workspace, flex, paged)
 
     def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor | None,
-               q: torch.Tensor) -> torch.Tensor:
+               q: torch.Tensor, looping: torch.Tensor | None = None) -> torch.Tensor:
         """Attention output [A, H * hd] for the active flat tokens `active` [A] (sorted; None:
         every token of the step, with no host sync) with queries q [A, H, hd], reading plane
-        `plane` (0-based) of one layer's `cache`."""
+        `plane` (0-based) of one layer's `cache`. `looping` [T] bool (with active None, the
+        masked form): the rows still looping; where the backend can (triton), a decode row
+        that has halted reads one key instead of its context, and its output is unread."""
         if not self.prefills:  # decodes only: no slicing to do
-            return self._attend_decodes(cache, plane, active, q)
+            return self._attend_decodes(cache, plane, active, q, looping)
         if active is None:
             active = self.all_tokens
             bounds = self.slice_bounds
         else:
             bounds = torch.searchsorted(active, self.slice_starts).tolist()
+            looping = None  # compacted: every row given loops
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         if bounds[0] > 0:
-            out[:bounds[0]] = self._attend_decodes(cache, plane, active[:bounds[0]],
-                                                   q[:bounds[0]])
+            out[:bounds[0]] = self._attend_decodes(
+                cache, plane, active[:bounds[0]], q[:bounds[0]],
+                None if looping is None else looping[:bounds[0]])
         counts = [hi - lo for lo, hi in itertools.pairwise(bounds)]
         if self._pad_is_cheap(counts):
             out[bounds[0]:] = self._attend_prefills_padded(cache, plane, active[bounds[0]:],
@@ -237,9 +245,14 @@ class AttentionPlan:
         return out.transpose(1, 2)[rows, cols].flatten(1)  # [A_p, H * hd]
 
     def _attend_decodes(self, cache: torch.Tensor, plane: int, rows: torch.Tensor | None,
-                        q: torch.Tensor) -> torch.Tensor:
-        """rows [n] of the decode rows (None: all of them)."""
+                        q: torch.Tensor, looping: torch.Tensor | None = None) -> torch.Tensor:
+        """rows [n] of the decode rows (None: all of them); looping [n] bool or None."""
         blocks = self.decode_blocks if rows is None else self.decode_blocks[rows]
+        if self.paged is not None:
+            lengths = self.decode_contexts if rows is None else self.decode_contexts[rows]
+            if looping is not None:  # a halted row reads position 0 only
+                lengths = lengths.masked_fill(looping.logical_not(), 1)
+            return self.paged.attend(cache, plane, q, blocks, lengths)
         if self.flex is not None:
             return self.flex.attend(cache, q, self._flex_mask(cache, plane, rows, blocks))
         valid = self._decode_bias(q.dtype)

@@ -44,6 +44,7 @@ from engine.paged_attention import AttentionPlan, GatherWorkspace
 from engine.serving_block import ServingBlock, rope_table
 from engine.static_decode import StaticDecode, StaticInputs
 from engine.step_upload import StepUpload
+from engine.triton_paged import TritonDecode
 from model.looplm import LoopLM
 
 
@@ -97,6 +98,9 @@ class ModelRunner:
         # decodes through FlexAttention over the pool in place (None: they gather)
         self.flex = FlexDecode(model.device, max_num_seqs) if attention_backend == "flex" \
             else None
+        # decodes through the Triton paged kernel, to each row's length (None: as above)
+        self.paged = TritonDecode(model.device, model.config.head_dim) \
+            if attention_backend == "triton" else None
         # masked steps through the fused chains (torch.compile), or loop_step's eager ones
         chains = CompiledChains() if compile_chains else None
         self.fused = [FusedLayer(b, chains) for b in self.blocks] if chains else None
@@ -116,13 +120,14 @@ class ModelRunner:
                 raise ConfigError(f"compile_chains: torch.compile failed at start-up "
                                   f"({type(exc).__name__}: {exc}); run without "
                                   f"--compile-chains") from exc
-        if self.flex is not None:
+        if self.flex is not None or self.paged is not None:
             try:  # before any graph capture, as the chains
-                self._warm_up_flex()
+                self._warm_up_attention()
             except ConfigError:  # it compiled, and answers wrongly
                 raise
             except Exception as exc:
-                raise ConfigError(f"attention_backend 'flex': torch.compile failed at "
+                name = "flex" if self.flex is not None else "triton"
+                raise ConfigError(f"attention_backend '{name}': its kernel failed at "
                                   f"start-up ({type(exc).__name__}: {exc}); run with "
                                   f"--attention-backend gather") from exc
         self.static = None
@@ -183,7 +188,7 @@ class ModelRunner:
         tokens = StepTokens(rope=rope, halt_below=inputs.halt_below,
                             blocks=inputs.slot_blocks, offsets=positions % self.block_size,
                             plan=inputs.plan(self.block_size, self._static_workspace(),
-                                             self.flex))
+                                             self.flex, self.paged))
         h = self.model.embed(inputs.token_ids)
         layers = []
         for index in range(len(self.blocks)):
@@ -249,7 +254,8 @@ class ModelRunner:
         halt_below = halt_thresholds(uploaded["eps"], uploaded["loops"], num_steps)
         return StepTokens(rope=rope, halt_below=halt_below,
                           blocks=uploaded["slot_blocks"], offsets=positions % self.block_size,
-                          plan=AttentionPlan.build(layout, uploaded, self.gather, self.flex))
+                          plan=AttentionPlan.build(layout, uploaded, self.gather, self.flex,
+                                                   self.paged))
 
     def _slot_blocks(self, step: StepInput) -> list[int]:
         """The KV block each token's k/v are written to."""
@@ -296,11 +302,12 @@ class ModelRunner:
                 self._masked(0, tokens, layer, t)
 
     @torch.inference_mode()
-    def _warm_up_flex(self) -> None:
-        """Compile the flex kernel now, over the scratch block of layer 0's pool, and hold
-        it to the gather path (`engine/flex_probe.py`)."""
+    def _warm_up_attention(self) -> None:
+        """Compile the in-place decode kernel now, over the scratch block of layer 0's pool,
+        and hold it to the gather path (`engine/flex_probe.py`)."""
         cache = self.kv_caches[0]
-        flex_probe.probe(self.flex, cache, cache.shape[0] - 1, self.config.n_heads)
+        flex_probe.probe(self.flex or self.paged, cache, cache.shape[0] - 1,
+                         self.config.n_heads)
 
     def _first_masked(self, index: int, tokens: StepTokens, h: torch.Tensor) -> LayerState:
         if self.fused is not None:

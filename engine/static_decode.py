@@ -23,6 +23,7 @@ import torch
 
 from engine.flex_paged import FlexDecode
 from engine.paged_attention import AttentionPlan, GatherWorkspace
+from engine.triton_paged import TritonDecode
 
 logger = logging.getLogger("loopserve.engine")
 
@@ -57,7 +58,7 @@ class StaticInputs:
                    decode_contexts=torch.ones(rows, **long))
 
     def plan(self, block_size: int, workspace: GatherWorkspace | None,
-             flex: FlexDecode | None) -> AttentionPlan:
+             flex: FlexDecode | None, paged: TritonDecode | None = None) -> AttentionPlan:
         """The decode-only attention plan over these buffers (device ops only: it is built
         inside the captured forward, so the masks follow the buffers' contents)."""
         device = self.positions.device
@@ -67,7 +68,7 @@ class StaticInputs:
         rows = self.positions.numel()
         return AttentionPlan(rows, self.decode_blocks, valid, [], self.positions, empty,
                              empty[:, 0], torch.full((1,), rows, device=device), [rows],
-                             self.decode_contexts, workspace, flex)
+                             self.decode_contexts, workspace, flex, paged)
 
     def fill(self, step: dict[str, torch.Tensor], rows: int, scratch_block: int) -> None:
         """The real rows from the step's uploaded tensors; the rest padding."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import uvicorn
 
-from engine.engine_config import MODES, EngineConfig
+from engine.engine_config import ATTENTION_BACKENDS, MODES, EngineConfig
 from engine.errors import CheckpointError, ConfigError, EngineDeadError
 from engine.gc_freeze import freeze_startup_heap
 from server.app import build_engine, create_app
@@ -106,8 +106,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--compile-chains", "fuse the masked loop step's elementwise chains with "
          "torch.compile (fewer kernels; compiles at start-up)", type_=None)
     _add(p, "--attention-backend", "decode attention: gather (rows' blocks copied, then "
-         "SDPA) or flex (FlexAttention over the KV pool in place; compiles at start-up)",
-         "gather", choices=["gather", "flex"])
+         "SDPA), flex (FlexAttention over the KV pool in place; compiles at start-up) or "
+         "triton (a paged Triton kernel over the pool in place; CUDA)",
+         "gather", choices=list(ATTENTION_BACKENDS))
     _add(p, "--max-num-seqs", "most requests in the running batch", 64, int)
     _add(p, "--max-num-batched-tokens", "token budget of one engine step", 1024, int)
     _add(p, "--max-model-len", "context length (default: the model's max_position)", None, int)

@@ -84,7 +84,7 @@ def test_the_probe_refuses_a_kernel_that_answers_wrongly():
 def test_start_up_runs_the_probe_and_reports_its_refusal(monkeypatch):
     seen = []
 
-    def refuse(got, want, block_size):
+    def refuse(got, want, block_size, backend):
         seen.append(block_size)
         raise ConfigError("wrong attention (a test's refusal)")
 
@@ -153,7 +153,8 @@ def test_a_masked_flex_decode_step_still_syncs_once(model, flex_llm):
 
 
 def test_attention_backend_is_validated_and_failures_name_the_flag(monkeypatch):
-    with pytest.raises(ConfigError, match=r"attention_backend must be one of \['gather', 'flex'\]"):
+    with pytest.raises(ConfigError, match=r"attention_backend must be one of "
+                                          r"\['gather', 'flex', 'triton'\]"):
         LLM(make_model(), attention_backend="paged")
     with monkeypatch.context() as patch:
         patch.setattr("engine.fused_chains.shutil.which", lambda name: None)
@@ -163,7 +164,7 @@ def test_attention_backend_is_validated_and_failures_name_the_flag(monkeypatch):
     def broken(self):
         raise RuntimeError("inductor exploded")
 
-    monkeypatch.setattr("engine.runner.ModelRunner._warm_up_flex", broken)
+    monkeypatch.setattr("engine.runner.ModelRunner._warm_up_attention", broken)
     with pytest.raises(ConfigError, match="inductor exploded.*--attention-backend gather"):
         LLM(make_model(), attention_backend="flex")
 
