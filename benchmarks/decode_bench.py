@@ -27,6 +27,7 @@ from benchmarks.engine_throughput import copy_rate, matmul_rate
 from benchmarks.host_overhead import token_ids_tokenizer
 from benchmarks.machine import machine_name, sync
 from engine import LLM, LoopLM, SamplingParams, get_preset
+from engine.engine_config import ATTENTION_BACKENDS
 from engine.runner import ModelRunner
 from model.weights import resolve_dtype
 
@@ -55,8 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sync-debug", action="store_true")
     parser.add_argument("--compile-chains", action="store_true",
                         help="masked steps through the torch.compile'd chains (fused_chains)")
-    parser.add_argument("--attention-backend", default="gather", choices=("gather", "flex"),
-                        help="decode attention: block gather + SDPA, or FlexAttention in place")
+    parser.add_argument("--attention-backend", default="gather", choices=ATTENTION_BACKENDS,
+                        help="decode attention: block gather + SDPA, FlexAttention in "
+                             "place, or the Triton paged kernel in place (halted rows read "
+                             "one key)")
     return parser.parse_args(argv)
 
 

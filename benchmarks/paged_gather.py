@@ -16,13 +16,17 @@ served pool's are) and attends. Per (batch, context) this times, in interleaved 
     flex_in_place     (`--flex`) the engine's `--attention-backend flex` call
                       (`engine/flex_paged.py`): FlexAttention reading the pool where it
                       lies, no copy; compiled on first use (seconds on a CPU).
+    triton_in_place   (`--triton`, CUDA) the `--attention-backend triton` kernel
+                      (`engine/triton_paged.py`): each row's blocks read in place, to its
+                      length; and triton_half_halted, every other row halted (one key)
 
 and reports seconds per call, ratios to v0, and the gather's achieved bytes/s against the
 machine's measured copy rate (a gather reads and writes each byte once).
 
     python -m benchmarks.paged_gather                                   # paper shapes, bf16
     python -m benchmarks.paged_gather --batches 8 --contexts 64 --dtype fp32 --preset tiny
-    python -m benchmarks.paged_gather --device cuda --batches 64,256 --contexts 1024 --flex
+    python -m benchmarks.paged_gather --device cuda --batches 64,256 --contexts 1024 --flex \
+        --triton
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from engine import get_preset
 from engine.flex_paged import FlexDecode
 from engine.paged_attention import AttentionPlan, GatherWorkspace, gather_blocks
 from engine.step_upload import StepUpload
+from engine.triton_paged import TritonDecode
 from model.weights import resolve_dtype
 
 
@@ -57,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--flex", action="store_true",
                         help="also time FlexAttention over the pool in place (compiles)")
+    parser.add_argument("--triton", action="store_true",
+                        help="also time the Triton paged kernel in place (CUDA)")
     return parser.parse_args(argv)
 
 
@@ -112,6 +119,25 @@ def _tolerance(dtype: torch.dtype) -> dict:
                                                                            "atol": 1e-5}
 
 
+def _add_triton(args, variants: dict, cache: torch.Tensor, q: torch.Tensor, plan,
+                want: torch.Tensor) -> str | None:
+    """The Triton paged kernel reading the pool in place (every row its context), and the
+    same with every other row halted (one key each, as the masked form has it); returns
+    why it could not run, if it could not."""
+    try:
+        kernel = TritonDecode(torch.device(args.device), cache.shape[-1])
+        blocks, contexts = plan.decode_blocks, plan.decode_contexts
+        halted = contexts.clone()
+        halted[1::2] = 1
+        torch.testing.assert_close(kernel.attend(cache, 1, q, blocks, contexts), want,
+                                   **_tolerance(cache.dtype))
+        variants["triton_in_place"] = lambda: kernel.attend(cache, 1, q, blocks, contexts)
+        variants["triton_half_halted"] = lambda: kernel.attend(cache, 1, q, blocks, halted)
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot run here: say so
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
+
+
 def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dtype) -> dict:
     cfg = get_preset(args.preset)
     width = -(-context // args.block_size)
@@ -145,6 +171,7 @@ def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dty
             variants["flex_in_place"] = in_place
         except Exception as exc:  # a backend that cannot run this shape: say so, go on
             flex_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    triton_error = _add_triton(args, variants, cache, q, plan, want) if args.triton else None
     calls = {name: _calls_per_sample(fn, args.device) for name, fn in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
@@ -156,6 +183,13 @@ def measure(args: argparse.Namespace, batch: int, context: int, dtype: torch.dty
         "flex_error": flex_error,
         "flex_over_now": median["flex_in_place"] / median["attend_now"]
         if "flex_in_place" in median else None}
+    if args.triton:
+        extra.update(triton_error=triton_error, **({
+            "triton_over_now": median["triton_in_place"] / median["attend_now"],
+            "triton_half_halted_over_all": median["triton_half_halted"]
+            / median["triton_in_place"],
+            "triton_bytes_per_s": gathered / median["triton_in_place"]}
+            if "triton_in_place" in median else {}))
     return {"batch": batch, "context": context, "gathered_bytes": gathered, **extra,
             "seconds": median,
             "gather_over_v0": median["select_workspace"] / median["aten_index"],
