@@ -1,8 +1,7 @@
 """Decode attention through FlexAttention over the pool in place (`engine/flex_paged.py`,
-`--attention-backend flex`): one call equals the gather path for any block table, and the
-engine through it equals the reference forward (greedy tokens identical, logits within
-1e-4 in fp32) in every loop form, through chunked prefill, preemption, prefix hits and the
-static decode buckets, with no host sync of its own."""
+`--attention-backend flex`): one call equals the gather path for any block table (or
+start-up refuses the kernel), and failures name the flag. The engine through it:
+tests/test_decode_backends.py."""
 
 from __future__ import annotations
 
@@ -17,17 +16,9 @@ from engine.flex_paged import FlexDecode
 from engine.flex_probe import check, probe
 from engine.llm import LLM
 from engine.paged_attention import gather_blocks
-from engine.sampling_params import SamplingParams
 from tests.helpers import (
-    GREEDY,
-    LogitRecorder,
-    check_against_reference,
-    count_a_decode_step,
     make_model,
-    mixed_params,
-    random_prompts,
 )
-from tests.test_loop_forms import FORMS
 
 pytestmark = pytest.mark.skipif(not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
                                 reason="torch.compile on CPU needs a C++ compiler")
@@ -92,64 +83,6 @@ def test_start_up_runs_the_probe_and_reports_its_refusal(monkeypatch):
     with pytest.raises(ConfigError, match="a test's refusal"):
         LLM(make_model(seed=3), block_size=4, num_kv_blocks=16, attention_backend="flex")
     assert seen == [4]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model(seed=3)
-
-
-@pytest.fixture(scope="module")
-def flex_llm(model):
-    return LLM(model, block_size=4, num_kv_blocks=128, attention_backend="flex")
-
-
-@pytest.mark.parametrize("form", ["masked", "compacted", "random"])
-def test_flex_decodes_equal_the_reference_in_every_loop_form(model, flex_llm, form):
-    policy = flex_llm.engine.runner.policy
-    policy.form, chosen = FORMS[form], policy.form
-    try:
-        check_against_reference(model, flex_llm, random_prompts(8, seed=1), mixed_params(8),
-                                LogitRecorder(flex_llm))
-    finally:
-        policy.form = chosen
-
-
-def test_flex_through_chunked_prefill_preemption_and_prefix_hits(model, flex_llm):
-    llm = LLM(model, block_size=4, num_kv_blocks=16, max_num_batched_tokens=7,
-              attention_backend="flex")
-    check_against_reference(model, llm, random_prompts(6, seed=2, low=8, high=24),
-                            mixed_params(6, max_tokens=8), LogitRecorder(llm))
-    assert llm.engine.scheduler.num_preemptions > 0
-    shared = random_prompts(1, seed=4, low=21, high=22)[0]
-    params = [SamplingParams(max_tokens=5, halt_threshold=0.2, **GREEDY)] * 3
-    check_against_reference(model, flex_llm, [shared + [i, 2] for i in range(3)], params)
-    assert flex_llm.engine.block_manager.prefix_hits > 0
-
-
-def test_flex_in_static_decode_buckets_equals_gather(model):
-    prompts = random_prompts(7, seed=12, low=3, high=30)
-    params = [SamplingParams(max_tokens=3 + 4 * (i % 3), halt_threshold=[None, 0.3, 0.0][i % 3],
-                             max_loops=[None, 2][i % 2], **GREEDY) for i in range(7)]
-    gather = LLM(model, num_kv_blocks=128, block_size=4, max_num_seqs=8, static_decode="off")
-    flex = LLM(model, num_kv_blocks=128, block_size=4, max_num_seqs=8, static_decode="on",
-               max_num_batched_tokens=16, attention_backend="flex")
-    expected = [o.token_ids for o in gather.generate(prompts, params)]
-    assert [o.token_ids for o in flex.generate(prompts, params)] == expected
-    assert flex.engine.runner.static.replays > 0
-
-
-def test_a_masked_flex_decode_step_still_syncs_once(model, flex_llm):
-    policy = flex_llm.engine.runner.policy
-    policy.form, chosen = FORMS["masked"], policy.form
-    try:
-        counter, in_layers = count_a_decode_step(flex_llm, random_prompts(6, seed=8))
-        while flex_llm.engine.has_unfinished():
-            flex_llm.engine.step()
-    finally:
-        policy.form = chosen
-    assert counter.syncs == 1 and counter.uploads == 1, counter.syncs_by_site
-    assert sum(c.syncs for c in in_layers) == 0
 
 
 def test_attention_backend_is_validated_and_failures_name_the_flag(monkeypatch):

@@ -1,8 +1,7 @@
 """Decode attention through the Triton paged kernel (`engine/triton_paged.py`,
 `--attention-backend triton`): one call equals the gather path for any block table and
-length, a halted row of the masked form reads one key, and the engine through it equals
-the reference forward in every loop form, through chunked prefill, preemption, prefix hits
-and the static decode buckets, with no host sync of its own.
+length, a halted row of the masked form reads one key, and start-up holds the kernel to
+the gather path. The engine through it: tests/test_decode_backends.py.
 
 On a CPU the kernel runs under Triton's interpreter (`tests/conftest.py` sets it before
 anything imports Triton); `LOOPSERVE_TEST_DEVICE=cuda` runs the compiled kernel."""
@@ -23,14 +22,9 @@ from engine.triton_paged import TritonDecode  # noqa: E402
 from tests.helpers import (  # noqa: E402
     GREEDY,
     TEST_DEVICE,
-    LogitRecorder,
-    check_against_reference,
-    count_a_decode_step,
     make_model,
-    mixed_params,
     random_prompts,
 )
-from tests.test_loop_forms import FORMS  # noqa: E402
 
 
 def _gathered(cache, plane, blocks, lengths, q):
@@ -91,64 +85,6 @@ def test_a_halted_row_of_the_masked_form_reads_one_key(model, monkeypatch):
 @pytest.fixture(scope="module")
 def model():
     return make_model(seed=3)
-
-
-@pytest.fixture(scope="module")
-def triton_llm(model):
-    return LLM(model, block_size=4, num_kv_blocks=128, attention_backend="triton")
-
-
-@pytest.mark.parametrize("form", ["masked", "compacted", "random"])
-def test_triton_decodes_equal_the_reference_in_every_loop_form(model, triton_llm, form):
-    policy = triton_llm.engine.runner.policy
-    policy.form, chosen = FORMS[form], policy.form
-    try:
-        check_against_reference(model, triton_llm, random_prompts(8, seed=1),
-                                mixed_params(8), LogitRecorder(triton_llm))
-    finally:
-        policy.form = chosen
-
-
-def test_triton_through_chunked_prefill_preemption_and_prefix_hits(model, triton_llm):
-    llm = LLM(model, block_size=4, num_kv_blocks=16, max_num_batched_tokens=7,
-              attention_backend="triton")
-    check_against_reference(model, llm, random_prompts(6, seed=2, low=8, high=24),
-                            mixed_params(6, max_tokens=8), LogitRecorder(llm))
-    assert llm.engine.scheduler.num_preemptions > 0
-    shared = random_prompts(1, seed=4, low=21, high=22)[0]
-    params = [SamplingParams(max_tokens=5, halt_threshold=0.2, **GREEDY)] * 3
-    check_against_reference(model, triton_llm, [shared + [i, 2] for i in range(3)], params)
-    assert triton_llm.engine.block_manager.prefix_hits > 0
-
-
-def test_triton_in_static_decode_buckets_equals_gather(model):
-    prompts = random_prompts(7, seed=12, low=3, high=30)
-    params = [SamplingParams(max_tokens=3 + 4 * (i % 3), halt_threshold=[None, 0.3, 0.0][i % 3],
-                             max_loops=[None, 2][i % 2], **GREEDY) for i in range(7)]
-    gather = LLM(model, num_kv_blocks=128, block_size=4, max_num_seqs=8, static_decode="off")
-    paged = LLM(model, num_kv_blocks=128, block_size=4, max_num_seqs=8, static_decode="on",
-                max_num_batched_tokens=16, attention_backend="triton")
-    expected = [o.token_ids for o in gather.generate(prompts, params)]
-    assert [o.token_ids for o in paged.generate(prompts, params)] == expected
-    assert paged.engine.runner.static.replays > 0
-
-
-def test_a_masked_triton_decode_step_still_syncs_once(model, triton_llm):
-    policy = triton_llm.engine.runner.policy
-    policy.form, chosen = FORMS["masked"], policy.form
-    try:
-        counter, in_layers = count_a_decode_step(triton_llm, random_prompts(6, seed=8))
-        while triton_llm.engine.has_unfinished():
-            triton_llm.engine.step()
-    finally:
-        policy.form = chosen
-    assert counter.syncs == 1 and counter.uploads == 1, counter.syncs_by_site
-    assert sum(c.syncs for c in in_layers) == 0
-    # the kernel counts as one launch a (layer, step), and no gather or SDPA remains
-    launches = sum(c.by_op["triton.paged_decode"] for c in in_layers)
-    assert launches == len(in_layers) * model.config.max_loops
-    assert not any(c.by_op["aten.index_select"] or c.by_op[
-        "aten._scaled_dot_product_flash_attention_for_cpu"] for c in in_layers)
 
 
 def test_start_up_holds_the_kernel_to_the_gather_path(monkeypatch):
