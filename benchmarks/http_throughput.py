@@ -4,7 +4,8 @@ the same requests, in one run.
 At each concurrency c, the same greedy requests (distinct prompts, fixed output length) go
 (1) through `LLM.generate` with at most c sequences per batch, and (2) over HTTP to a
 `loopserve serve` subprocess from c concurrent clients (whole responses, then SSE streams).
-The ratio http / offline is what the HTTP layer costs; time is never asserted anywhere.
+The ratio http / offline is what the HTTP layer costs (best round over best round, and the
+median of the rounds' own ratios: `paired_over_offline`); time is never asserted anywhere.
 With an engine-core process, each HTTP level also reports the IPC cost from the server's
 `loopserve_engine_core_{messages,bytes}_total` counters: messages per second and per token,
 bytes per token (what crossed from the core while the level's requests ran). And it reports
@@ -34,6 +35,7 @@ import os
 import platform
 import random
 import socket
+import statistics
 import string
 import subprocess
 import sys
@@ -353,11 +355,26 @@ def measure_level(model_dir: Path, url: str, args: argparse.Namespace, texts: li
         if rates:
             level[f"{name}_steady_over_offline"] = round(max(rates) / best["offline"], 3)
     level["runs_tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items() if vs}
+    level["paired_over_offline"] = paired_ratios(runs)
     # of the round whose throughput is reported: cores busy, engine steps, IPC cost
     level["best_round"] = {name: seen[name][values.index(best[name])]
                            for name, values in runs.items() if values}
     print(json.dumps(level), file=sys.stderr)
     return level
+
+
+def paired_ratios(runs: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Each round's HTTP (and SSE) rate over the same round's offline rate: the median,
+    lowest and highest. The rounds interleave offline, HTTP and SSE, so a pair shares the
+    machine's state; the ratio of two best rounds can pair a fast moment with a slow one
+    (a shared machine's speed moved 30-50% within one run on 2026-12-03)."""
+    found = {}
+    for name in ("http", "stream"):
+        ratios = [r / o for r, o in zip(runs.get(name, []), runs["offline"], strict=False)]
+        if ratios:
+            found[name] = {"median": round(statistics.median(ratios), 3),
+                           "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+    return found
 
 
 def server_stack() -> dict[str, str]:

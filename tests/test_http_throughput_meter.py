@@ -1,5 +1,5 @@
-"""The CPU meter of benchmarks/http_throughput: it finds a server's core among its children
-and counts the cores each process kept busy."""
+"""The CPU meter of benchmarks/http_throughput (it finds a server's core among its children
+and counts the cores each process kept busy) and its per-round paired ratios."""
 
 from __future__ import annotations
 
@@ -61,3 +61,13 @@ def test_one_level_reports_the_steps_each_side_ran(tmp_path):
         assert steady["tokens_per_s"] > 0 and steady["seconds"] > 0
         assert steady["steps"]["steps"] <= best[name]["steps"]["steps"]
         assert level[f"{name}_steady_over_offline"] > 0
+
+
+def test_paired_ratios_divide_each_round_by_its_own_offline_round():
+    from benchmarks.http_throughput import paired_ratios
+
+    runs = {"offline": [100.0, 200.0, 150.0], "http": [90.0, 210.0, 150.0], "stream": [80.0]}
+    found = paired_ratios(runs)
+    assert found["http"] == {"median": 1.0, "min": 0.9, "max": 1.05}
+    assert found["stream"] == {"median": 0.8, "min": 0.8, "max": 0.8}
+    assert paired_ratios({"offline": [1.0], "http": []}) == {}
