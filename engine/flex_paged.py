@@ -130,6 +130,12 @@ class FlexDecode:
             seq_lengths=(1, span * bs), compute_q_blocks=False)
         return FlexMask(mask, (contexts - 1) % bs)
 
+    def attend_table(self, cache: torch.Tensor, plane: int, q: torch.Tensor,
+                     blocks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`TritonDecode.attend`'s call: rows reading `blocks` of `plane` up to `lengths`,
+        with a mask built for this call."""
+        return self.attend(cache, q, self.mask(cache, plane, blocks, lengths))
+
     def attend(self, cache: torch.Tensor, q: torch.Tensor, mask: FlexMask) -> torch.Tensor:
         """Attention [n, H * hd] of queries q [n, H, hd] over `cache`, as `mask` says."""
         num_blocks, planes, bs, _, hkv, hd = cache.shape

@@ -35,20 +35,13 @@ def probe(kernel: FlexDecode | TritonDecode, cache: torch.Tensor, scratch: int,
             blocks = torch.full((rows, 1), scratch, dtype=torch.long, device=cache.device)
             lengths = torch.tensor(contexts, device=cache.device)
             q = torch.randn(rows, heads, head_dim, generator=gen).to(cache)  # [n, H, hd]
-            got = _attend(kernel, cache, q, blocks, lengths)  # [n, H * hd]
+            got = kernel.attend_table(cache, 0, q, blocks, lengths)  # [n, H * hd]
             kv = gather_blocks(cache, 0, blocks, None)  # [n, bs, 2, Hkv, hd]
             valid = torch.arange(block_size, device=cache.device)[None, :] < lengths[:, None]
             check(got, decode_attention(q, kv[:, :, 0], kv[:, :, 1], valid), block_size,
                   kernel.name)
     finally:
         cache[scratch] = saved
-
-
-def _attend(kernel: FlexDecode | TritonDecode, cache: torch.Tensor, q: torch.Tensor,
-            blocks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    if isinstance(kernel, TritonDecode):
-        return kernel.attend(cache, 0, q, blocks, lengths)
-    return kernel.attend(cache, q, kernel.mask(cache, 0, blocks, lengths))
 
 
 def check(got: torch.Tensor, want: torch.Tensor, block_size: int, backend: str = "flex"

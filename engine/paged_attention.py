@@ -251,7 +251,7 @@ class AttentionPlan:
         if self.paged is not None:
             lengths = self.decode_contexts if rows is None else self.decode_contexts[rows]
             if looping is not None:  # a halted row reads position 0 only
-                lengths = lengths.masked_fill(looping.logical_not(), 1)
+                lengths = torch.where(looping, lengths, 1)
             return self.paged.attend(cache, plane, q, blocks, lengths)
         if self.flex is not None:
             return self.flex.attend(cache, q, self._flex_mask(cache, plane, rows, blocks))

@@ -126,7 +126,7 @@ class ModelRunner:
             except ConfigError:  # it compiled, and answers wrongly
                 raise
             except Exception as exc:
-                name = "flex" if self.flex is not None else "triton"
+                name = (self.flex or self.paged).name
                 raise ConfigError(f"attention_backend '{name}': its kernel failed at "
                                   f"start-up ({type(exc).__name__}: {exc}); run with "
                                   f"--attention-backend gather") from exc
