@@ -15,6 +15,7 @@ A test imports `count_decode_step(llm)` to hold the sync count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import time
@@ -24,6 +25,7 @@ import torch
 from benchmarks.machine import machine_name
 from benchmarks.op_counts import OpCounter
 from engine import LLM, ByteTokenizer, LoopLM, SamplingParams, get_preset
+from engine.row_norm import fused_norms
 from model.weights import resolve_dtype
 
 
@@ -107,8 +109,10 @@ def count_decode_step(llm: LLM, launch_us: float = 5.0, sync_us: float = 15.0) -
     stats = []
     callback, engine.stats_callback = engine.stats_callback, stats.append
     simulate = engine.model.device.type == "cpu"
+    # a simulated GPU step counts the GPU's norms (an fp32 CPU engine composes its own)
+    norms = fused_norms(engine.runner.blocks) if simulate else contextlib.nullcontext()
     try:
-        with OpCounter(simulate=simulate) as counter:
+        with norms, OpCounter(simulate=simulate) as counter:
             counter.mark_host(*_host_tensors(engine))
             engine.step()
     finally:

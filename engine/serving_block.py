@@ -16,6 +16,8 @@ launches fewer kernels. The arithmetic is `LoopBlock`'s, re-associated:
 - the rotated q and k are written back into the qkv projection's output, where k sits
   next to v: a step's k/v [T, 2, Hkv, hd] is a view, not a stacked copy;
 - the loop scales s_t = softplus(alpha_t) and the router's step feature become constants;
+- its RMS norms are `RowNorm`s: one fused kernel on a GPU, a cheaper composition on a CPU
+  (`engine/row_norm.py`);
 - every residual add rides on its matmul (`addmm(x, a, W^T, alpha=s_t)`: one kernel, not two),
   as do the memory update and the router's per-step bias.
 
@@ -29,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.row_norm import RowNorm
 from model.block import LoopBlock
 from model.memory import MemoryBank
 
@@ -60,6 +63,7 @@ class ServingBlock:
         self.cfg = cfg
         self.eps = cfg.norm_eps
         dtype = block.qkv.weight.dtype
+        self.norm = RowNorm.for_device(cfg.norm_eps, block.qkv.weight.device, dtype)
         order = pair_order(cfg.head_dim).to(block.qkv.weight.device)
         rows = _qkv_rows(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim, cfg.kv_dim, order)
         self.qkv_weight = (block.qkv.weight * block.attn_norm.weight)[rows].to(dtype)
@@ -111,9 +115,9 @@ class ServingBlock:
         them, so a bf16 model pays no cast kernel)."""
         if not self.has_memory:
             return h, h.new_zeros(h.shape[0], 2, dtype=torch.float32)
-        normed = F.rms_norm(h, (h.shape[-1],), self.memory_norm, self.eps)
+        normed = self.norm(h, self.memory_norm)
         gate = torch.sigmoid(F.linear(h, self.gate_weight, self.gate_bias))  # [T, banks]
-        query = F.rms_norm(normed, (h.shape[-1],), None, self.eps)
+        query = self.norm(normed)
         scores = query @ self.keys_t  # [T, S]
         weights = torch.empty_like(scores)  # [T, S]: each bank's gated softmax, in place
         for b, (p, w) in enumerate(zip(scores.split(self.slots, dim=-1),
@@ -132,11 +136,11 @@ class ServingBlock:
         and k sits next to v there, so k/v need no stacking copy."""
         cfg = self.cfg
         heads, hd = cfg.n_heads + cfg.n_kv_heads, cfg.head_dim
-        qkv = F.linear(F.rms_norm(x, (x.shape[-1],), None, self.eps), self.qkv_weight)
+        qkv = F.linear(self.norm(x), self.qkv_weight)
         qk = qkv[:, :heads * hd].unflatten(-1, (heads, hd))  # [T, heads, hd] view
         # [T, heads, hd] fp32: rms_norm computes in fp32 whatever its input (a bf16 model
         # gets the norm rounded to bf16 before the weight; the reference rounds after it)
-        normed = F.rms_norm(qk, (hd,), None, self.eps) * self.qk_norm
+        normed = self.norm(qk) * self.qk_norm
         pairs = torch.view_as_complex(normed.unflatten(-1, (hd // 2, 2)))
         if qk.dtype == torch.float32:  # rotate straight into place: one kernel
             torch.mul(pairs, rope, out=torch.view_as_complex(qk.unflatten(-1, (hd // 2, 2))))
@@ -149,8 +153,7 @@ class ServingBlock:
         """x [T, D], attention output [T, H * hd] -> h_t [T, D]."""
         scale = self.scales[step - 1]
         u = torch.addmm(x, attn, self.attn_out_t, alpha=scale)  # x + s_t attn W_o^T
-        gate, up = F.linear(F.rms_norm(u, (u.shape[-1],), None, self.eps),
-                            self.gate_up).split(self.hidden, dim=-1)
+        gate, up = F.linear(self.norm(u), self.gate_up).split(self.hidden, dim=-1)
         return torch.addmm(u, F.silu(gate) * up, self.down_t, alpha=scale)
 
     def halt_probability(self, h: torch.Tensor, step: int) -> torch.Tensor | None:

@@ -124,9 +124,11 @@ def count_a_decode_step(llm: LLM, prompts: list[list[int]]):
     """Prefill greedy `prompts`, then run one decode step of the runner under `OpCounter`:
     returns (the whole step's counter, one counter per layer run). The step runs eagerly,
     layer by layer, even where the engine has decode buckets (on CUDA: graphs, which
-    would run no `_run_layer` to count). The requests stay running (step the engine to
+    would run no `_run_layer` to count), and with the norms a GPU runs (fused). The
+    requests stay running (step the engine to
     finish them)."""
     from benchmarks.op_counts import OpCounter
+    from engine.row_norm import fused_norms
 
     engine = llm.engine
     for prompt in prompts:
@@ -143,8 +145,8 @@ def count_a_decode_step(llm: LLM, prompts: list[list[int]]):
 
     runner._run_layer = counted_layer
     static, runner.static = runner.static, None
-    try:
-        with OpCounter() as counter:
+    try:  # the GPU's norms (an fp32 CPU engine composes its own: engine/row_norm.py)
+        with fused_norms(runner.blocks), OpCounter() as counter:
             runner.fetch(runner.run(engine._pack(engine.scheduler.schedule())[0]))
     finally:
         del runner._run_layer
