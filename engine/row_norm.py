@@ -39,6 +39,10 @@ class RowNorm:
         cpu_fp32 = torch.device(device).type == "cpu" and dtype == torch.float32
         return cls(eps, device, COMPOSED if cpu_fp32 else FUSED)
 
+    def fused(self) -> RowNorm:
+        """The same norm in the fused form (what a GPU runs)."""
+        return RowNorm(self.eps, self._eps.device, FUSED)
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
         if self.form == FUSED:
@@ -55,7 +59,7 @@ def fused_norms(blocks: list) -> Iterator[None]:
     saved = [block.norm for block in blocks]
     try:
         for block, norm in zip(blocks, saved, strict=True):
-            block.norm = RowNorm(norm.eps, norm._eps.device, FUSED)
+            block.norm = norm.fused()
         yield
     finally:
         for block, norm in zip(blocks, saved, strict=True):

@@ -125,8 +125,7 @@ def count_a_decode_step(llm: LLM, prompts: list[list[int]]):
     returns (the whole step's counter, one counter per layer run). The step runs eagerly,
     layer by layer, even where the engine has decode buckets (on CUDA: graphs, which
     would run no `_run_layer` to count), and with the norms a GPU runs (fused). The
-    requests stay running (step the engine to
-    finish them)."""
+    requests stay running (step the engine to finish them)."""
     from benchmarks.op_counts import OpCounter
     from engine.row_norm import fused_norms
 
