@@ -48,8 +48,11 @@ MAX_ROWS = 1 << 16  # decode rows one call can take (the offsets buffer's size)
 
 @functools.cache
 def _offsets(device: torch.device) -> torch.Tensor:
-    """[MAX_ROWS] the last valid offset of each row's partial block, rewritten per call."""
-    return torch.zeros(MAX_ROWS, dtype=torch.long, device=device)
+    """[MAX_ROWS] the last valid offset of each row's partial block, rewritten per call.
+    A normal tensor even when first asked for inside `inference_mode` (an engine step):
+    an inference tensor could not be written to by a later call outside it."""
+    with torch.inference_mode(False):
+        return torch.zeros(MAX_ROWS, dtype=torch.long, device=device)
 
 
 @functools.cache
