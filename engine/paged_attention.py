@@ -8,7 +8,8 @@ position p of a sequence attends to positions 0..p of that sequence in the plane
 The plan is built once per engine step (block tables do not change inside a step) and used
 by every (layer, step) call. Sequences with a single new token ("decodes") come first in
 the flat token order and are attended to in one padded, batched call; sequences with a
-chunk of several tokens get one causal call each.
+chunk of several tokens are grouped into padded causal calls that at most double a
+group's work (`engine/prefill_groups.py`), a chunk unlike the others alone.
 
 A call reads its rows' blocks of the plane with one `index_select` of whole blocks (each a
 contiguous [bs, 2, Hkv, hd] run) into a `GatherWorkspace` that lives as long as the runner:
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.flex_paged import FlexDecode, FlexMask
+from engine.prefill_groups import PrefillGroup, attend_group, group_prefills, host_index
 from engine.step_upload import StepUpload
 from engine.triton_paged import TritonDecode
 
@@ -139,6 +141,8 @@ class AttentionPlan:
     flex_masks: dict[int, FlexMask] = dataclasses.field(default_factory=dict)
     # dtype -> decode_key_valid as an additive mask: made by the step's first layer, reused
     decode_key_bias: dict[torch.dtype, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # the every-token prefill bounds -> their attention calls (made by `build`)
+    prefill_calls: dict[tuple[int, ...], list] = dataclasses.field(default_factory=dict)
 
     @staticmethod
     def pack(upload: StepUpload, block_tables: list[list[int]], starts: list[int],
@@ -157,8 +161,17 @@ class AttentionPlan:
                    (num_prefills, pre_width))
         ends = list(itertools.accumulate(lengths[num_decodes:], initial=num_decodes))
         upload.add("slice_starts", ends)
+        groups = []  # the masked form's prefill calls: (members, L of a padded group)
+        for members in group_prefills(lengths[num_decodes:], widths[num_decodes:]):
+            if len(members) == 1:
+                groups.append((members, None))
+                continue
+            index, longest = host_index(members, ends, num_prefills)
+            upload.add(f"prefill_group{len(groups)}", index.tolist())
+            groups.append((members, longest))
         return {"num_decodes": num_decodes, "block_size": block_size, "ends": ends,
-                "contexts": contexts[num_decodes:], "widths": widths[num_decodes:]}
+                "contexts": contexts[num_decodes:], "widths": widths[num_decodes:],
+                "groups": groups}
 
     @classmethod
     def build(cls, layout: dict, uploaded: dict[str, torch.Tensor],
@@ -176,9 +189,15 @@ class AttentionPlan:
                     for i, (width, context) in enumerate(zip(layout["widths"],
                                                              layout["contexts"], strict=True))]
         slice_starts = uploaded["slice_starts"]
-        return cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded,
+        plan = cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded,
                    slice_starts[1:], slice_starts, ends, uploaded["decode_contexts"],
                    workspace, flex, paged)
+        if prefills:  # every token's prefill calls, from the step's upload
+            plan.prefill_calls[tuple(ends)] = [
+                members[0] if longest is None else PrefillGroup.from_index(
+                    members, uploaded[f"prefill_group{j}"], longest, layout["widths"], padded)
+                for j, (members, longest) in enumerate(layout["groups"])]
+        return plan
 
     def attend(self, cache: torch.Tensor, plane: int, active: torch.Tensor | None,
                q: torch.Tensor, looping: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +208,8 @@ class AttentionPlan:
         that has halted reads one key instead of its context, and its output is unread."""
         if not self.prefills:  # decodes only: no slicing to do
             return self._attend_decodes(cache, plane, active, q, looping)
-        if active is None:
+        whole = active is None  # the masked form: every token of the step
+        if whole:
             active = self.all_tokens
             bounds = self.slice_bounds
         else:
@@ -200,49 +220,41 @@ class AttentionPlan:
             out[:bounds[0]] = self._attend_decodes(
                 cache, plane, active[:bounds[0]], q[:bounds[0]],
                 None if looping is None else looping[:bounds[0]])
-        counts = [hi - lo for lo, hi in itertools.pairwise(bounds)]
-        if self._pad_is_cheap(counts):
-            out[bounds[0]:] = self._attend_prefills_padded(cache, plane, active[bounds[0]:],
-                                                           q[bounds[0]:], counts)
-            return out
-        for i, piece in enumerate(self.prefills):
-            lo, hi = bounds[i], bounds[i + 1]
-            if hi > lo:
-                out[lo:hi] = self._attend_prefill(cache, plane, piece, active[lo:hi], q[lo:hi])
+        first = bounds[0]
+        for call in self._prefill_calls(bounds, reuse=whole):
+            if isinstance(call, int):  # one chunk alone
+                lo, hi = bounds[call], bounds[call + 1]
+                out[lo:hi] = self._attend_prefill(cache, plane, self.prefills[call],
+                                                  active[lo:hi], q[lo:hi])
+            elif call.rows is None:  # every prefill query, in order
+                out[first:] = self._attend_group(cache, plane, call, active[first:], q[first:])
+            else:
+                out[call.rows] = self._attend_group(cache, plane, call, active[call.rows],
+                                                    q[call.rows])
         return out
 
     @property
     def all_tokens(self) -> torch.Tensor:
         return torch.arange(self.positions.numel(), device=self.positions.device)
 
-    def _pad_is_cheap(self, counts: list[int]) -> bool:
-        """One padded call for every prefill when padding at most doubles the work."""
-        if len(self.prefills) < 2 or sum(counts) == 0:
-            return False
-        width = self.prefill_blocks.shape[1]
-        real = sum(n * p.blocks.numel() for n, p in zip(counts, self.prefills, strict=True))
-        return len(counts) * max(counts) * width <= 2 * real
+    def _prefill_calls(self, bounds: list[int], reuse: bool) -> list[int | PrefillGroup]:
+        """The attention calls of the prefill queries split by `bounds` (see
+        `engine/prefill_groups.py`): a chunk index for a chunk alone, or a padded group.
+        Every token's (`reuse`, the masked form) were made with the plan, from the step's
+        upload; a compacted subset's are made here (one upload: its sync came first)."""
+        if reuse:
+            return self.prefill_calls[tuple(bounds)]
+        counts = [hi - lo for lo, hi in itertools.pairwise(bounds)]
+        widths = [p.blocks.numel() for p in self.prefills]
+        return [g[0] if len(g) == 1 else PrefillGroup.layout(g, bounds, widths,
+                                                              self.prefill_blocks)
+                for g in group_prefills(counts, widths)]
 
-    def _attend_prefills_padded(self, cache: torch.Tensor, plane: int, tokens: torch.Tensor,
-                                q: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """All prefills in one call: queries padded to [P, Lq], keys to [P, Wp * bs]."""
-        rows = torch.searchsorted(self.prefill_ends, tokens, right=True)  # [A_p] prefill
-        counts_t = torch.tensor(counts, device=q.device)
-        firsts = torch.cumsum(counts_t, 0) - counts_t
-        cols = torch.arange(tokens.numel(), device=q.device) - firsts[rows]  # [A_p]
-        num, longest = len(counts), max(counts)
-        q_pad = q.new_zeros(num, longest, *q.shape[1:])  # [P, Lq, H, hd]
-        q_pad[rows, cols] = q
-        pos = torch.zeros(num, longest, dtype=torch.long, device=q.device)  # pad rows: key 0
-        pos[rows, cols] = self.positions[tokens]
-        kv = gather_blocks(cache, plane, self.prefill_blocks, self.workspace)  # [P, C, 2, Hkv, hd]
-        k, v = kv[:, :, 0], kv[:, :, 1]  # [P, C, Hkv, hd] views
-        keys = torch.arange(k.shape[1], device=q.device)
-        mask = keys[None, None, :] <= pos[:, :, None]  # [P, Lq, C]
-        out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask[:, None], enable_gqa=True)  # [P, H, Lq, hd]
-        return out.transpose(1, 2)[rows, cols].flatten(1)  # [A_p, H * hd]
+    def _attend_group(self, cache: torch.Tensor, plane: int, group: PrefillGroup,
+                      tokens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """One padded call over a group's chunks: tokens [A_g] flat, q [A_g, H, hd]."""
+        kv = gather_blocks(cache, plane, group.blocks, self.workspace)  # [G, C, 2, Hkv, hd]
+        return attend_group(group, q, self.positions[tokens], kv[:, :, 0], kv[:, :, 1])
 
     def _attend_decodes(self, cache: torch.Tensor, plane: int, rows: torch.Tensor | None,
                         q: torch.Tensor, looping: torch.Tensor | None = None) -> torch.Tensor:

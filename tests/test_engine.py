@@ -180,28 +180,43 @@ def test_engine_config_errors_name_the_fix(model):
         LLM(model, mode="fast")
 
 
-@pytest.mark.parametrize("lengths", [(20, 22, 24, 21, 23, 20), (4, 40, 5, 3)])
-def test_batched_and_per_sequence_prefill_attention_equal_reference(model, lengths, monkeypatch):
-    """Prompts of similar lengths take the padded all-prefills call, very different ones
-    the per-sequence calls; both must match the reference."""
+@pytest.mark.parametrize("lengths,calls", [
+    ((20, 22, 24, 21, 23, 20), {"padded": 1, "alone": 0}),
+    ((40, 4, 4), {"padded": 1, "alone": 1}),
+    ((40, 38, 5, 4, 6, 3), {"padded": 2, "alone": 0})])
+def test_grouped_and_lone_prefill_attention_equal_reference(model, lengths, calls,
+                                                           monkeypatch):
+    """Prompts of similar lengths share one padded call; a group grows while its padding
+    at most doubles its work (with BOS, 41 and 5 tokens share one, a third chunk of 5 is
+    left alone); every mix must match the reference. The prefill step's first (layer,
+    loop step) makes the calls given (every token loops there)."""
     from engine.paged_attention import AttentionPlan
 
-    used = {"padded": 0, "per_sequence": 0}
-    padded, single = AttentionPlan._attend_prefills_padded, AttentionPlan._attend_prefill
+    used = {"padded": [], "alone": []}
+    padded, single = AttentionPlan._attend_group, AttentionPlan._attend_prefill
 
     def count(name, real):
         def wrapper(*args, **kwargs):
-            used[name] += 1
+            used[name].append(1)
             return real(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(AttentionPlan, "_attend_prefills_padded", count("padded", padded))
-    monkeypatch.setattr(AttentionPlan, "_attend_prefill", count("per_sequence", single))
+    monkeypatch.setattr(AttentionPlan, "_attend_group", count("padded", padded))
+    monkeypatch.setattr(AttentionPlan, "_attend_prefill", count("alone", single))
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
     llm = LLM(model, num_kv_blocks=128, block_size=4, max_num_batched_tokens=1024)
+    first_call = {}
+    real_attend = AttentionPlan.attend
+
+    def attend(self, *args, **kwargs):
+        before = {k: len(v) for k, v in used.items()}
+        result = real_attend(self, *args, **kwargs)
+        first_call.setdefault("made", {k: len(v) - before[k] for k, v in used.items()})
+        return result
+
+    monkeypatch.setattr(AttentionPlan, "attend", attend)
     recorder = LogitRecorder(llm)
     check_against_reference(model, llm, prompts, mixed_params(len(prompts), max_tokens=4),
                             recorder)
-    similar = max(lengths) < 2 * min(lengths)
-    assert used["padded" if similar else "per_sequence"] > 0
+    assert first_call["made"] == calls
