@@ -130,7 +130,6 @@ class AttentionPlan:
     prefills: list[PrefillSlice]
     positions: torch.Tensor  # [T] position of each flat token
     prefill_blocks: torch.Tensor  # [P, Wp] the prefills' block tables, padded with block 0
-    prefill_ends: torch.Tensor  # [P] flat index one past each prefill's last token
     slice_starts: torch.Tensor  # [P + 1] flat index where decodes end and each prefill ends
     slice_bounds: list[int]  # the same, on the host
     decode_contexts: torch.Tensor | None = None  # [S_d] positions each decode attends to
@@ -190,7 +189,7 @@ class AttentionPlan:
                                                              layout["contexts"], strict=True))]
         slice_starts = uploaded["slice_starts"]
         plan = cls(num_decodes, dec_blocks, dec_valid, prefills, positions, padded,
-                   slice_starts[1:], slice_starts, ends, uploaded["decode_contexts"],
+                   slice_starts, ends, uploaded["decode_contexts"],
                    workspace, flex, paged)
         if prefills:  # every token's prefill calls, from the step's upload
             plan.prefill_calls[tuple(ends)] = [

@@ -67,7 +67,7 @@ class StaticInputs:
         empty = torch.zeros(0, 1, dtype=torch.long, device=device)
         rows = self.positions.numel()
         return AttentionPlan(rows, self.decode_blocks, valid, [], self.positions, empty,
-                             empty[:, 0], torch.full((1,), rows, device=device), [rows],
+                             torch.full((1,), rows, device=device), [rows],
                              self.decode_contexts, workspace, flex, paged)
 
     def fill(self, step: dict[str, torch.Tensor], rows: int, scratch_block: int) -> None:
