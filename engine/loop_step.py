@@ -11,7 +11,11 @@ last computed step. A (layer, step) runs in one of two forms (DESIGN section 4):
   is 0, so its ACT weight is 0, and its gates and depth are masked by `active`.
 - **compacted**: the active rows are gathered into a smaller batch (fewer FLOPs; the
   active count is data-dependent, so `nonzero` costs a host sync on a GPU) and scattered
-  back; plane t receives the same `kv_last` with the active rows replaced.
+  back; plane t receives the same `kv_last` with the active rows replaced. Having paid
+  for the count, the runner skips the gathers where every row is active (the masked
+  form runs) and the step's work where none is (only the KV rule's fill).
+
+Step 1 of a layer is always masked (`first_masked_step`): every row runs it.
 
 Both write plane t for every row, so the forms mix freely from one step to the next, and
 both equal `LoopLM.reference_forward`. A row's R is set to 0 when it halts (its leftover
@@ -80,17 +84,7 @@ class LayerState:
     active: torch.Tensor  # [T] bool: still loops
     depth: torch.Tensor  # [T] long: steps computed
     gate_sum: torch.Tensor  # [T, 2] fp32
-    kv_last: torch.Tensor | None  # [T, 2, Hkv, hd] k/v of the last computed step
-
-    @classmethod
-    def start(cls, h: torch.Tensor) -> LayerState:
-        total, width = h.shape
-        f32 = dict(dtype=torch.float32, device=h.device)
-        return cls(state=h, mixture=torch.zeros(total, width, **f32),
-                   remaining=torch.ones(total, **f32),
-                   active=torch.ones(total, dtype=torch.bool, device=h.device),
-                   depth=torch.zeros(total, dtype=torch.long, device=h.device),
-                   gate_sum=torch.zeros(total, 2, **f32), kv_last=None)
+    kv_last: torch.Tensor  # [T, 2, Hkv, hd] k/v of the last computed step
 
 
 def write_plane(cache: torch.Tensor, tokens: StepTokens, plane: int, kv: torch.Tensor) -> None:
@@ -134,8 +128,7 @@ def masked_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     k/v (their R is 0, so their weight is 0) and loop on in `state` unread."""
     active = layer.active
     x, gates, q, kv = _project(block, tokens, layer.state)
-    if layer.kv_last is not None:
-        kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
+    kv = torch.where(active[:, None, None, None], kv, layer.kv_last)
     write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, None, q, active), step)
     if block.has_memory:
@@ -194,17 +187,17 @@ def _one_loop_state(tokens: StepTokens, h1: torch.Tensor, gates: torch.Tensor,
                       gate_sum=gates.float(), kv_last=kv)
 
 
+def active_rows(layer: LayerState) -> torch.Tensor:
+    """[A] sorted indices of the rows still looping: the data-dependent shape (a sync)."""
+    return layer.active.nonzero().squeeze(1)
+
+
 def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
-                   layer: LayerState, step: int) -> int:
-    """Only the active rows through (layer, step); returns how many there were (a sync)."""
-    rows = layer.active.nonzero().squeeze(1)  # [A] sorted: the data-dependent shape
-    count = rows.numel()
-    if count == 0:
-        write_plane(cache, tokens, step - 1, layer.kv_last)
-        return 0
+                   layer: LayerState, step: int, rows: torch.Tensor) -> None:
+    """Only the active rows `rows` [A] (from `active_rows`, A > 0) through (layer, step)."""
     x, gates = block.read_memory(layer.state.index_select(0, rows))
     q, kv_rows = block.project_qkv(x, tokens.rope.index_select(0, rows))  # kv [A, 2, Hkv, hd]
-    kv = kv_rows if layer.kv_last is None else layer.kv_last.index_copy(0, rows, kv_rows)
+    kv = layer.kv_last.index_copy(0, rows, kv_rows)
     write_plane(cache, tokens, step - 1, kv)
     h = block.finish_step(x, tokens.plan.attend(cache, step - 1, rows, q), step)
     if block.has_memory:
@@ -214,14 +207,13 @@ def compacted_step(block: ServingBlock, cache: torch.Tensor, tokens: StepTokens,
     remaining = layer.remaining.index_select(0, rows)
     if step == block.cfg.max_loops:  # as `_last_masked_step`: the rows halt with p = R
         layer.mixture.index_add_(0, rows, remaining.unsqueeze(-1) * h)
-        return count
+        return
     weight, left, halted = _halting(block, h, remaining,
                                     tokens.halt_below[step - 1].index_select(0, rows), step)
     layer.mixture.index_add_(0, rows, weight.unsqueeze(-1) * h)  # promotes to fp32
     layer.state = layer.state.index_copy(0, rows, h)
     layer.remaining = layer.remaining.index_copy(0, rows, left)
     layer.active = layer.active.index_copy(0, rows, halted.logical_not())
-    return count
 
 
 def fill_later_planes(cache: torch.Tensor, tokens: StepTokens, layer: LayerState,
@@ -229,7 +221,7 @@ def fill_later_planes(cache: torch.Tensor, tokens: StepTokens, layer: LayerState
     """KV rule for planes the loop did not reach (0-based first_plane..num_planes-1): every
     row shows its last computed k/v there, written in one indexed copy."""
     later = num_planes - first_plane
-    if later <= 0 or layer.kv_last is None:
+    if later <= 0:
         return
     total = tokens.blocks.numel()
     planes = torch.arange(first_plane, num_planes, device=tokens.blocks.device)

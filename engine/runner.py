@@ -33,6 +33,7 @@ from engine.fused_chains import CompiledChains
 from engine.fused_step import FusedLayer
 from engine.loop_step import (
     LayerState,
+    active_rows,
     StepTokens,
     compacted_step,
     fill_later_planes,
@@ -269,17 +270,17 @@ class ModelRunner:
                    tokens: StepTokens, num_steps: int) -> LayerState:
         cache = self.kv_caches[index]
         total = h.shape[0]
-        if self.policy.form(index, 1, total) == COMPACTED:  # only where the form is forced
-            layer, first = LayerState.start(h), 1
-        else:
-            layer, first = self._first_masked(index, tokens, h), 2
-        for step in range(first, num_steps + 1):
+        layer = self._first_masked(index, tokens, h)  # every row runs step 1: no form to choose
+        for step in range(2, num_steps + 1):
             if self.policy.form(index, step, total) == COMPACTED:
-                if compacted_step(block, cache, tokens, layer, step) == 0:
-                    fill_later_planes(cache, tokens, layer, step, self.config.max_loops)
+                rows = active_rows(layer)  # the sync the form pays for its shape
+                if rows.numel() == 0:  # no token left: this plane and later show kv_last
+                    fill_later_planes(cache, tokens, layer, step - 1, self.config.max_loops)
                     return layer
-            else:
-                self._masked(index, tokens, layer, step)
+                if rows.numel() < total:  # else no gathers: every row goes through
+                    compacted_step(block, cache, tokens, layer, step, rows)
+                    continue
+            self._masked(index, tokens, layer, step)
         fill_later_planes(cache, tokens, layer, num_steps, self.config.max_loops)
         return layer
 

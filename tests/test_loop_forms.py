@@ -76,6 +76,41 @@ def test_prefix_hits_in_every_form(model, form):
     assert llm.engine.block_manager.prefix_hits > 0
 
 
+@pytest.mark.parametrize("threshold, router_bias, gathers, later_steps", [
+    (0.0, None, False, True),  # no token halts early: every row still loops, no gathers
+    (0.5, 12.0, False, False),  # lam_1 ~ 1: every token halts at step 1, later steps fill
+    (0.2, None, True, True),  # some halt: the active rows are gathered
+])
+def test_a_compacted_step_gathers_only_a_proper_subset(model, monkeypatch, threshold,
+                                                       router_bias, gathers, later_steps):
+    """Once the compacted form has paid its sync for the active count, a step with every
+    row active runs the masked form (no gathers) and one with none runs no dense work;
+    both stay exact (later tokens read the planes the empty steps filled)."""
+    import engine.runner as runner_module
+
+    if router_bias is not None:
+        model = make_model(seed=3)
+        with torch.no_grad():
+            for block in model.layers:
+                block.router.bias.fill_(router_bias)
+    llm = engine_with(model, "compacted", num_kv_blocks=128)
+    calls = {"compacted": 0, "masked": 0}
+    compacted, masked = runner_module.compacted_step, llm.engine.runner._masked
+
+    def count(name, fn):
+        def counted(*args):
+            calls[name] += 1
+            return fn(*args)
+        return counted
+
+    monkeypatch.setattr(runner_module, "compacted_step", count("compacted", compacted))
+    monkeypatch.setattr(llm.engine.runner, "_masked", count("masked", masked))
+    params = [SamplingParams(max_tokens=6, halt_threshold=threshold, **GREEDY)] * 4
+    check_against_reference(model, llm, random_prompts(4, seed=6), params, LogitRecorder(llm))
+    assert (calls["compacted"] > 0) == gathers
+    assert (calls["compacted"] + calls["masked"] > 0) == later_steps
+
+
 def test_max_depth_in_the_masked_form(model):
     llm = engine_with(model, "masked", num_kv_blocks=64, mode="max_depth")
     check_against_reference(model, llm, random_prompts(3, seed=5),
