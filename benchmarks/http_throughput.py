@@ -206,19 +206,28 @@ def _healthy(url: str) -> bool:
         return False
 
 
-async def _one(http: aiohttp.ClientSession, body: dict, stream: bool) -> int:
-    """Completion tokens of one request (from usage: the final chunk when streaming)."""
+async def _one(http: aiohttp.ClientSession, body: dict, stream: bool,
+               events: list[int] | None = None) -> int:
+    """Completion tokens of one request (from usage: the final chunk when streaming); a
+    stream's text events are added to `events[0]` (fewer than its tokens where the server
+    merged the deltas of a lagging stream)."""
     if not stream:
         async with http.post("/v1/completions", json=body) as response:
             response.raise_for_status()
             return (await response.json())["usage"]["completion_tokens"]
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    tokens = 0
+    tokens = chunks = 0
     async with http.post("/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.content:
-            if line.startswith(b"data: {") and b'"usage":{' in line:
+            if not line.startswith(b"data: {"):
+                continue
+            if b'"usage":{' in line:
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            else:
+                chunks += 1
+    if events is not None:
+        events[0] += chunks
     return tokens
 
 
@@ -260,6 +269,7 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
     counter) is what a server under steady load at this concurrency delivers."""
     pending = list(reversed(bodies))
     window: dict = {}
+    events = [0]  # a stream's text events, all clients together
     connector = aiohttp.TCPConnector(limit=concurrency + 1)  # + 1: the metrics scrapes
     async with aiohttp.ClientSession(url, connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=600)) as http:
@@ -268,7 +278,7 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
         async def worker() -> int:
             tokens = 0
             while pending:
-                tokens += await _one(http, pending.pop(), stream)
+                tokens += await _one(http, pending.pop(), stream, events)
             if not window:  # the first client out of work: the steady window ends
                 window["at"] = time.perf_counter()  # before the await: only one sets it
                 window["counters"] = await _server_counters(http)
@@ -283,6 +293,8 @@ async def _clients(url: str, bodies: list[dict], concurrency: int, stream: bool,
                **CpuMeter.cpu_per_token(cpu_before, cpu_after, tokens)}
         after = await _server_counters(http)
     seen: dict = {"cpu": cpu, **_server_side(before, after, seconds, tokens)}
+    if stream:
+        seen["stream_events_per_token"] = round(events[0] / max(tokens, 1), 4)
     steady = _server_side(before, window["counters"], window["at"] - start, tokens)
     if "tokens" in steady:
         seen["steady_window"] = {

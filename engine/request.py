@@ -155,6 +155,8 @@ class RequestOutput:
     metrics: dict | None = None  # arrival, first token, finish times (seconds, monotonic)
     # one entry per prompt token, entry 0 None (as vLLM); in the first delta only
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # when each delta merged into this one was ready, oldest first (engine/output_merge.py)
+    merged_ready_times: tuple[float, ...] = ()
 
     # the first choice's fields, for the common n = 1 case
     @property

@@ -5,7 +5,9 @@ event loop itself (the socket of an engine-core process), and consumed on the ev
 that asked for them. `RequestStreams` keeps one asyncio queue per request, hands a step's
 outputs over in one `call_soon_threadsafe` per other event loop (straight into the queues
 on the producer's own), and yields a request's deltas until its final one;
-an item that is an exception is raised in the consumer instead.
+an item that is an exception is raised in the consumer instead (after the deltas queued
+before it). Deltas that queued up while the consumer was busy are yielded as one
+(`engine/output_merge.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from engine.errors import InvalidRequestError
+from engine.output_merge import merge_outputs
 from engine.request import RequestOutput
 
 Item = RequestOutput | BaseException
@@ -57,15 +60,18 @@ class RequestStreams:
                      ) -> AsyncIterator[RequestOutput]:
         """The request's deltas up to the final one. `on_close(finished)` runs however the
         consumer leaves (after the final delta, on an error, or early)."""
-        stream = self._streams[request_id]
+        queue = self._streams[request_id].queue
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                ready, item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                item, error = _take_queued(queue, item, ready)
                 finished = item.finished
                 yield item
+                if error is not None:
+                    raise error
         finally:
             on_close(finished)
 
@@ -75,10 +81,10 @@ class RequestStreams:
         if stream is None:
             return
         if stream.loop is _running_loop():
-            stream.queue.put_nowait(item)
+            _put_all([(stream.queue, item)])
             return
         with contextlib.suppress(RuntimeError):  # the consumer's event loop may be closed
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(_put_all, [(stream.queue, item)])
 
     def deliver_all(self, outputs: Iterable[RequestOutput]) -> None:
         """One hand-off per event loop, not one wake-up per request."""
@@ -119,5 +125,20 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Item]]) -> None:
+    """Into the queues, with the time they were ready (on the consumers' loop)."""
+    now = time.monotonic()
     for target, item in items:
-        target.put_nowait(item)
+        target.put_nowait((now, item))
+
+
+def _take_queued(queue: asyncio.Queue, first: RequestOutput, ready: float
+                 ) -> tuple[RequestOutput, BaseException | None]:
+    """`first` (ready at `ready`) merged with the deltas queued behind it, up to the final
+    one or an error (returned, to be raised once the merged delta is out)."""
+    merged = first
+    while not merged.finished and not queue.empty():
+        next_ready, item = queue.get_nowait()
+        if isinstance(item, BaseException):
+            return merged, item
+        merged, ready = merge_outputs(merged, item, ready), next_ready
+    return merged, None

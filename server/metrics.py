@@ -258,9 +258,10 @@ class RequestObserver:
         m = self.metrics
         if self.last is None:
             m.prompt_tokens.inc(len(delta.prompt_token_ids))
-        # a final-only request's output also says when its held-back deltas were ready
+        # a final-only request's output also says when its held-back deltas were ready, and
+        # a merged delta when the deltas merged into it were (engine/output_merge.py)
         held = (delta.metrics or {}).get("held_delta_times", ()) if delta.finished else ()
-        for emitted in (*held, now):
+        for emitted in (*held, *delta.merged_ready_times, now):
             self._on_emitted(emitted)
         new_tokens = 0
         for choice in delta.outputs:

@@ -53,6 +53,8 @@ def test_one_level_reports_the_steps_each_side_ran(tmp_path):
         assert 8 <= steps["steps"] <= 16 and steps["mean_step_ms"] > 0
         assert 0 < steps["step_share_of_wall"] <= 1
     assert best["http"]["ipc"]["messages_per_token"] > 0
+    # every stream event carries at least one token (merged deltas: more than one)
+    assert 0 < best["stream"]["stream_events_per_token"] <= 1
     assert best["http"]["cpu"]["core_cores"] > 0
     # /proc counts CPU in 10 ms ticks: so short a run's API share may round down to 0
     assert best["http"]["cpu"]["api_cpu_us_per_token"] >= 0
