@@ -307,23 +307,27 @@ class LLMEngine:
     # ------------------------------------------------------------------ accounting
     def _account_compute(self, chunks: list[ScheduledChunk], step_input: StepInput,
                          result: StepOutput) -> None:
-        """Per-request loops, gates and FLOPs of the tokens computed this step."""
-        positions = torch.tensor(step_input.positions, dtype=torch.long)
-        flops = self.flop_table.trunk(result.depths, positions)  # [T]
-        flops_max = self.flop_table.trunk_max_depth(positions)  # [T]
-        lengths = torch.tensor(step_input.lengths)
-        owner = torch.arange(len(chunks)).repeat_interleave(lengths)  # [T] chunk of each token
-        num_layers = self.model_config.n_layers
-        loop_sums = torch.zeros(len(chunks), num_layers, dtype=torch.float64)
-        loop_sums.index_add_(0, owner, result.depths.double())
-        gate_sums = torch.zeros(len(chunks), num_layers, dtype=torch.float64)
-        gate_sums.index_add_(0, owner, self._gate_means(result.gates).double())
-        flop_sums = torch.zeros(len(chunks), dtype=torch.float64).index_add_(0, owner, flops)
-        max_sums = torch.zeros(len(chunks), dtype=torch.float64).index_add_(0, owner, flops_max)
-        for i, (chunk, loops, gates, f, fm) in enumerate(zip(
-                chunks, loop_sums.tolist(), gate_sums.tolist(), flop_sums.tolist(),
-                max_sums.tolist(), strict=True)):
-            chunk.request.compute.add(step_input.lengths[i], loops, gates, f, fm)
+        """Per-request loops, gates and FLOPs of the tokens computed this step: one table
+        [T, 2L + 2] (loops, gate means, FLOPs, max-depth FLOPs per token) summed per
+        chunk, and one read of it (a step of decodes, one token a chunk, sums nothing)."""
+        table = self._per_token_compute(step_input.positions, result)
+        if len(chunks) != table.shape[0]:  # chunks of several tokens: sum each chunk's rows
+            lengths = torch.tensor(step_input.lengths)
+            owner = torch.arange(len(chunks)).repeat_interleave(lengths)  # [T]
+            table = table.new_zeros(len(chunks), table.shape[1]).index_add_(0, owner, table)
+        layers = self.model_config.n_layers
+        for chunk, length, row in zip(chunks, step_input.lengths, table.tolist(), strict=True):
+            chunk.request.compute.add(length, row[:layers], row[layers:2 * layers],
+                                      row[-2], row[-1])
+
+    def _per_token_compute(self, positions: list[int], result: StepOutput) -> torch.Tensor:
+        """[T, 2L + 2] fp64: each token's loops per layer, gate means per layer, FLOPs and
+        FLOPs at full depth."""
+        where = torch.tensor(positions, dtype=torch.float64)  # [T]
+        flops = self.flop_table.trunk(result.depths, where)  # [T]
+        flops_max = self.flop_table.trunk_max_depth(where)  # [T]
+        return torch.cat((result.depths.double(), self._gate_means(result.gates).double(),
+                          flops.unsqueeze(1), flops_max.unsqueeze(1)), dim=1)
 
     def _gate_means(self, gates: torch.Tensor) -> torch.Tensor:
         """[T, L, 2] -> [T, L]: mean over the banks the model has."""
@@ -332,7 +336,7 @@ class LLMEngine:
                  if slots]
         if not banks:
             return torch.zeros(gates.shape[:2])
-        return gates[..., banks].mean(-1)
+        return gates.mean(-1) if len(banks) == 2 else gates[..., banks].mean(-1)
 
     def _report(self, schedule: SchedulerOutput, step_input: StepInput, result: StepOutput,
                 num_sampled: int) -> None:
