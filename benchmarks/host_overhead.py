@@ -113,7 +113,7 @@ def count_decode_step(llm: LLM, launch_us: float = 5.0, sync_us: float = 15.0) -
     norms = fused_norms(engine.runner.blocks) if simulate else contextlib.nullcontext()
     try:
         with norms, OpCounter(simulate=simulate) as counter:
-            counter.mark_host(*_host_tensors(engine))
+            counter.mark_host(*host_tensors(engine))
             engine.step()
     finally:
         engine.stats_callback = callback
@@ -135,7 +135,7 @@ def count_decode_step(llm: LLM, launch_us: float = 5.0, sync_us: float = 15.0) -
     return result
 
 
-def _host_tensors(engine) -> list[torch.Tensor]:
+def host_tensors(engine) -> list[torch.Tensor]:
     """Tensors the engine keeps on the host by design (made before counting started)."""
     table = getattr(engine, "flop_table", None)
     return [v for v in vars(table).values() if isinstance(v, torch.Tensor)] if table else []

@@ -285,6 +285,7 @@ def test_a_one_loop_layer_launches_only_its_dense_work():
                    ignore_eos=True)])
 def test_a_whole_decode_step_reads_back_once(model, params):
     """Sampled ids, their logprobs, depths and gate means: one device-to-host copy."""
+    from benchmarks.host_overhead import host_tensors
     from benchmarks.op_counts import OpCounter
 
     llm = engine_with(model, "masked", num_kv_blocks=128)
@@ -293,5 +294,6 @@ def test_a_whole_decode_step_reads_back_once(model, params):
         engine.add_request(engine.prepare(prompt, params))
     engine.step()  # the prefill
     with OpCounter() as counter:
+        counter.mark_host(*host_tensors(engine))  # the FLOP table lives on the host
         engine.step()
     assert counter.syncs == 1, counter.syncs_by_site
