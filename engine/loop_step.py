@@ -41,8 +41,8 @@ class StepTokens:
     rope: torch.Tensor  # [T, 1, hd/2] complex64 (see serving_block.rope_table)
     halt_below: torch.Tensor  # [N, T] fp32: a token halts at step t once R_t < [t-1]: its
     # request's threshold, or +inf from its request's max_loops on
-    blocks: torch.Tensor  # [T] long KV block each token's k/v is written to
-    offsets: torch.Tensor  # [T] long offset in that block
+    slots: torch.Tensor  # [N, T] long: the pool row (`pool_rows`) of each token's k/v at
+    # each loop plane
     plan: AttentionPlan
     _halted: tuple[torch.Tensor, ...] | None = dataclasses.field(default=None, init=False,
                                                                   repr=False)
@@ -87,9 +87,21 @@ class LayerState:
     kv_last: torch.Tensor  # [T, 2, Hkv, hd] k/v of the last computed step
 
 
+def pool_rows(cache: torch.Tensor) -> torch.Tensor:
+    """One layer's pool [blocks, N, bs, 2, Hkv, hd] as rows [blocks * N * bs, 2, Hkv, hd]
+    (a view): position p of block b at plane t is row (b * N + t) * bs + p."""
+    return cache.view(-1, *cache.shape[3:])
+
+
+def plane_slots(slots: torch.Tensor, plane_offsets: torch.Tensor) -> torch.Tensor:
+    """Plane-0 rows [T] -> every plane's rows [N, T] (plane_offsets [N]: t * bs)."""
+    return slots.unsqueeze(0) + plane_offsets.unsqueeze(1)
+
+
 def write_plane(cache: torch.Tensor, tokens: StepTokens, plane: int, kv: torch.Tensor) -> None:
-    """k/v [T, 2, Hkv, hd] of every row into 0-based `plane` of one layer's pool."""
-    cache[tokens.blocks, plane, tokens.offsets] = kv
+    """k/v [T, 2, Hkv, hd] of every row into 0-based `plane` of one layer's pool: a copy of
+    whole rows (an index_put over block, plane and offset computes every element's place)."""
+    pool_rows(cache).index_copy_(0, tokens.slots[plane], kv)
 
 
 def halt_thresholds(eps: torch.Tensor, loops: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -223,7 +235,5 @@ def fill_later_planes(cache: torch.Tensor, tokens: StepTokens, layer: LayerState
     later = num_planes - first_plane
     if later <= 0:
         return
-    total = tokens.blocks.numel()
-    planes = torch.arange(first_plane, num_planes, device=tokens.blocks.device)
-    cache[tokens.blocks.repeat(later), planes.repeat_interleave(total, output_size=later * total),
-          tokens.offsets.repeat(later)] = layer.kv_last.repeat(later, 1, 1, 1)
+    rows = tokens.slots[first_plane:num_planes].flatten()  # [later * T], plane-major (a view)
+    pool_rows(cache).index_copy_(0, rows, layer.kv_last.repeat(later, 1, 1, 1))

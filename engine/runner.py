@@ -40,6 +40,7 @@ from engine.loop_step import (
     first_masked_step,
     halt_thresholds,
     masked_step,
+    plane_slots,
 )
 from engine.paged_attention import AttentionPlan, GatherWorkspace
 from engine.serving_block import ServingBlock, rope_table
@@ -95,6 +96,9 @@ class ModelRunner:
         # the layers' weights rearranged for serving (a snapshot: made once, here)
         self.blocks = [ServingBlock(b, model.global_bank) for b in model.layers]
         self.upload = StepUpload(model.device)
+        # t * bs: plane t's pool rows are plane 0's plus this (loop_step.plane_slots)
+        self.plane_offsets = torch.arange(model.config.max_loops,
+                                          device=model.device) * block_size
         self.gather = GatherWorkspace()  # every eager attention call's k/v gather
         # decodes through FlexAttention over the pool in place (None: they gather)
         self.flex = FlexDecode(model.device, max_num_seqs) if attention_backend == "flex" \
@@ -187,7 +191,7 @@ class ModelRunner:
         positions = inputs.positions
         rope = rope_table(*self.model.rotary.tables(positions))
         tokens = StepTokens(rope=rope, halt_below=inputs.halt_below,
-                            blocks=inputs.slot_blocks, offsets=positions % self.block_size,
+                            slots=plane_slots(inputs.slots, self.plane_offsets),
                             plan=inputs.plan(self.block_size, self._static_workspace(),
                                              self.flex, self.paged))
         h = self.model.embed(inputs.token_ids)
@@ -232,7 +236,7 @@ class ModelRunner:
         upload = self.upload
         upload.add("token_ids", step.token_ids)
         upload.add("positions", step.positions)
-        upload.add("slot_blocks", self._slot_blocks(step))
+        upload.add("slots", self._slots(step))
         upload.add("sample_rows", step.sample_rows)
         lengths = step.lengths
         if self.max_depth:
@@ -254,14 +258,14 @@ class ModelRunner:
         rope = rope_table(*self.model.rotary.tables(positions))  # [T, 1, hd/2] complex64
         halt_below = halt_thresholds(uploaded["eps"], uploaded["loops"], num_steps)
         return StepTokens(rope=rope, halt_below=halt_below,
-                          blocks=uploaded["slot_blocks"], offsets=positions % self.block_size,
+                          slots=plane_slots(uploaded["slots"], self.plane_offsets),
                           plan=AttentionPlan.build(layout, uploaded, self.gather, self.flex,
                                                    self.paged))
 
-    def _slot_blocks(self, step: StepInput) -> list[int]:
-        """The KV block each token's k/v are written to."""
-        size = self.block_size
-        return [table[p // size]
+    def _slots(self, step: StepInput) -> list[int]:
+        """The pool row (`loop_step.pool_rows`) each token's plane-0 k/v are written to."""
+        size, per_block = self.block_size, self.block_size * self.config.max_loops
+        return [table[p // size] * per_block + p % size
                 for table, start, length in zip(step.block_tables, step.starts, step.lengths,
                                                 strict=True)
                 for p in range(start, start + length)]

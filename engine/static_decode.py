@@ -42,20 +42,23 @@ class StaticInputs:
 
     token_ids: torch.Tensor  # [B] long
     positions: torch.Tensor  # [B] long
-    slot_blocks: torch.Tensor  # [B] long
+    slots: torch.Tensor  # [B] long: each row's plane-0 pool row (loop_step.pool_rows)
     halt_below: torch.Tensor  # [N, B] fp32
     decode_blocks: torch.Tensor  # [B, W] long
     decode_contexts: torch.Tensor  # [B] long
+    scratch_slot: int  # the padded rows' pool row: position 0, plane 0 of the scratch block
 
     @classmethod
     def allocate(cls, rows: int, width: int, num_steps: int, scratch_block: int,
-                 device: torch.device) -> StaticInputs:
+                 block_size: int, device: torch.device) -> StaticInputs:
         long = dict(dtype=torch.long, device=device)
         return cls(token_ids=torch.zeros(rows, **long), positions=torch.zeros(rows, **long),
-                   slot_blocks=torch.full((rows,), scratch_block, **long),
+                   slots=torch.full((rows,), scratch_block * num_steps * block_size,
+                                    **long),
                    halt_below=torch.full((num_steps, rows), float("inf"), device=device),
                    decode_blocks=torch.full((rows, width), scratch_block, **long),
-                   decode_contexts=torch.ones(rows, **long))
+                   decode_contexts=torch.ones(rows, **long),
+                   scratch_slot=scratch_block * num_steps * block_size)
 
     def plan(self, block_size: int, workspace: GatherWorkspace | None,
              flex: FlexDecode | None, paged: TritonDecode | None = None) -> AttentionPlan:
@@ -71,13 +74,14 @@ class StaticInputs:
                              self.decode_contexts, workspace, flex, paged)
 
     def fill(self, step: dict[str, torch.Tensor], rows: int, scratch_block: int) -> None:
-        """The real rows from the step's uploaded tensors; the rest padding."""
+        """The real rows from the step's uploaded tensors; the rest padding (position 0 of
+        the scratch block)."""
         width = step["decode_blocks"].shape[1]
-        for name in ("token_ids", "positions", "slot_blocks", "decode_contexts"):
+        for name in ("token_ids", "positions", "slots", "decode_contexts"):
             buffer = getattr(self, name)
             buffer[:rows].copy_(step[name])
             buffer[rows:].fill_(1 if name == "decode_contexts" else 0)
-        self.slot_blocks[rows:].fill_(scratch_block)
+        self.slots[rows:].fill_(self.scratch_slot)
         self.halt_below[:, :rows].copy_(step["halt_below"])
         self.halt_below[:, rows:].fill_(float("inf"))
         self.decode_blocks.fill_(scratch_block)
@@ -140,7 +144,7 @@ class StaticDecode:
     def _get(self, key: tuple[int, int]) -> tuple[StaticInputs, object]:
         if key not in self._buckets:
             inputs = StaticInputs.allocate(key[0], key[1], self.num_steps, self.scratch_block,
-                                           self.device)
+                                           self.block_size, self.device)
             graph = self._capture(inputs) if self.capture else None
             self._buckets[key] = (inputs, graph)
         return self._buckets[key]
