@@ -64,6 +64,7 @@ class ServingBlock:
         self.eps = cfg.norm_eps
         dtype = block.qkv.weight.dtype
         self.norm = RowNorm.for_device(cfg.norm_eps, block.qkv.weight.device, dtype)
+        self.hidden = cfg.ffn_hidden  # the MLP width (the fused chains split by it)
         order = pair_order(cfg.head_dim).to(block.qkv.weight.device)
         rows = _qkv_rows(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim, cfg.kv_dim, order)
         self.qkv_weight = (block.qkv.weight * block.attn_norm.weight)[rows].to(dtype)
@@ -73,7 +74,6 @@ class ServingBlock:
         self.attn_out_t = block.attn_out.weight.t()  # [H * hd, D], for addmm
         self.gate_up = (block.mlp.gate_up.weight * block.mlp_norm.weight).to(dtype)
         self.down_t = block.mlp.down.weight.t()  # [F, D]
-        self.hidden = cfg.ffn_hidden
         self.scales = [float(F.softplus(a)) for a in block.loop_scale.float()]  # s_t
         self._router(block)
         self._memory(block, global_bank)
@@ -120,8 +120,10 @@ class ServingBlock:
         query = self.norm(normed)
         scores = query @ self.keys_t  # [T, S]
         weights = torch.empty_like(scores)  # [T, S]: each bank's gated softmax, in place
-        for b, (p, w) in enumerate(zip(scores.split(self.slots, dim=-1),
-                                       weights.split(self.slots, dim=-1), strict=True)):
+        # split_with_sizes, not Tensor.split: that one's Python wrapper costs us a call
+        for b, (p, w) in enumerate(zip(scores.split_with_sizes(self.slots, dim=-1),
+                                       weights.split_with_sizes(self.slots, dim=-1),
+                                       strict=True)):
             torch.mul(p.softmax(dim=-1), gate[:, b:b + 1], out=w)  # no concatenation
         gates = gate if len(self.bank_columns) == 2 else (
             gate.new_zeros(h.shape[0], 2, dtype=torch.float32).index_copy_(
@@ -153,7 +155,7 @@ class ServingBlock:
         """x [T, D], attention output [T, H * hd] -> h_t [T, D]."""
         scale = self.scales[step - 1]
         u = torch.addmm(x, attn, self.attn_out_t, alpha=scale)  # x + s_t attn W_o^T
-        gate, up = F.linear(self.norm(u), self.gate_up).split(self.hidden, dim=-1)
+        gate, up = F.linear(self.norm(u), self.gate_up).chunk(2, dim=-1)  # [T, F] each
         return torch.addmm(u, F.silu(gate) * up, self.down_t, alpha=scale)
 
     def halt_probability(self, h: torch.Tensor, step: int) -> torch.Tensor | None:
