@@ -33,8 +33,8 @@ from engine.fused_chains import CompiledChains
 from engine.fused_step import FusedLayer
 from engine.loop_step import (
     LayerState,
-    active_rows,
     StepTokens,
+    active_rows,
     compacted_step,
     fill_later_planes,
     first_masked_step,
