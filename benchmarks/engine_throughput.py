@@ -156,12 +156,17 @@ def bench_batch(adaptive: LLM, max_depth: LLM, batch: int, args, rates: dict,
            "adaptive_flops_per_s": a["flops"] / a["seconds"],
            "max_depth_flops_per_s": m["flops"] / m["seconds"],
            "adaptive_weight_bytes_per_s": a["layer_step_calls"] * block_bytes / a["seconds"],
-           "adaptive_layer_step_calls": a["layer_step_calls"]}
+           "adaptive_layer_step_calls": a["layer_step_calls"],
+           "max_depth_layer_step_calls": m["layer_step_calls"],
+           # what halting could gain where a (layer, step) costs the same at any row count
+           # (small batches): the calls skipped, not the FLOPs
+           "layer_step_ratio": m["layer_step_calls"] / max(a["layer_step_calls"], 1)}
     row["adaptive_flops_fraction_of_matmul_peak"] = row["adaptive_flops_per_s"] / rates["matmul"]
     row["adaptive_bytes_fraction_of_copy_rate"] = row["adaptive_weight_bytes_per_s"] / rates["copy"]
     print(f"batch {batch}: adaptive {row['adaptive_tokens_per_s']:.1f} tok/s, max-depth "
           f"{row['max_depth_tokens_per_s']:.1f} tok/s, throughput x{throughput_ratio:.3f} "
-          f"(paired median x{paired:.3f}) vs FLOPs x{flop_ratio:.3f}", file=sys.stderr,
+          f"(paired median x{paired:.3f}) vs FLOPs x{flop_ratio:.3f}, (layer, step) calls "
+          f"x{row['layer_step_ratio']:.3f}", file=sys.stderr,
           flush=True)
     return row
 

@@ -73,3 +73,21 @@ def test_gpu_summary_reports_skipped_and_failed_steps(tmp_path):
     flex, failed = summary["decode"]  # sorted by name
     assert flex["skipped"].startswith("decode-flex") and "error" in failed
     assert summary["paged_attention"][0]["skipped"]
+
+
+def test_engine_throughput_sets_both_engines_side_by_side(capsys):
+    """A tiny random model through the adaptive and max-depth engines: the same tokens
+    generated, FLOPs and (layer, step) calls counted on both, halting saving some."""
+    from benchmarks import engine_throughput
+
+    result = engine_throughput.main(["--preset", "tiny", "--batch-sizes", "1", "3",
+                                     "--prompt-len", "4", "--output-len", "3",
+                                     "--repeats", "2", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    for row in result["results"]:
+        assert row["adaptive_tokens_per_s"] > 0 and row["max_depth_tokens_per_s"] > 0
+        assert row["flop_ratio"] > 1.0  # its routers halt some tokens early
+        assert 0 < row["adaptive_layer_step_calls"] < row["max_depth_layer_step_calls"]
+        assert row["layer_step_ratio"] == pytest.approx(
+            row["max_depth_layer_step_calls"] / row["adaptive_layer_step_calls"])
+        assert len(row["round_throughput_ratios"]) == 2
