@@ -166,8 +166,7 @@ def bench_batch(adaptive: LLM, max_depth: LLM, batch: int, args, rates: dict,
     print(f"batch {batch}: adaptive {row['adaptive_tokens_per_s']:.1f} tok/s, max-depth "
           f"{row['max_depth_tokens_per_s']:.1f} tok/s, throughput x{throughput_ratio:.3f} "
           f"(paired median x{paired:.3f}) vs FLOPs x{flop_ratio:.3f}, (layer, step) calls "
-          f"x{row['layer_step_ratio']:.3f}", file=sys.stderr,
-          flush=True)
+          f"x{row['layer_step_ratio']:.3f}", file=sys.stderr, flush=True)
     return row
 
 

@@ -278,10 +278,11 @@ class ModelRunner:
         for step in range(2, num_steps + 1):
             if self.policy.form(index, step, total) == COMPACTED:
                 rows = active_rows(layer)  # the sync the form pays for its shape
-                if rows.numel() == 0:  # no token left: this plane and later show kv_last
+                count = rows.numel()
+                if count == 0:  # no token left: this plane and later show kv_last
                     fill_later_planes(cache, tokens, layer, step - 1, self.config.max_loops)
                     return layer
-                if rows.numel() < total:  # else no gathers: every row goes through
+                if count < total:  # else no gathers: every row goes through
                     compacted_step(block, cache, tokens, layer, step, rows)
                     continue
             self._masked(index, tokens, layer, step)

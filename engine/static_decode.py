@@ -52,13 +52,12 @@ class StaticInputs:
     def allocate(cls, rows: int, width: int, num_steps: int, scratch_block: int,
                  block_size: int, device: torch.device) -> StaticInputs:
         long = dict(dtype=torch.long, device=device)
+        scratch_slot = scratch_block * num_steps * block_size  # (b * N + 0) * bs + 0
         return cls(token_ids=torch.zeros(rows, **long), positions=torch.zeros(rows, **long),
-                   slots=torch.full((rows,), scratch_block * num_steps * block_size,
-                                    **long),
+                   slots=torch.full((rows,), scratch_slot, **long),
                    halt_below=torch.full((num_steps, rows), float("inf"), device=device),
                    decode_blocks=torch.full((rows, width), scratch_block, **long),
-                   decode_contexts=torch.ones(rows, **long),
-                   scratch_slot=scratch_block * num_steps * block_size)
+                   decode_contexts=torch.ones(rows, **long), scratch_slot=scratch_slot)
 
     def plan(self, block_size: int, workspace: GatherWorkspace | None,
              flex: FlexDecode | None, paged: TritonDecode | None = None) -> AttentionPlan:
@@ -77,11 +76,12 @@ class StaticInputs:
         """The real rows from the step's uploaded tensors; the rest padding (position 0 of
         the scratch block)."""
         width = step["decode_blocks"].shape[1]
-        for name in ("token_ids", "positions", "slots", "decode_contexts"):
+        padding = {"token_ids": 0, "positions": 0, "slots": self.scratch_slot,
+                   "decode_contexts": 1}
+        for name, pad in padding.items():
             buffer = getattr(self, name)
             buffer[:rows].copy_(step[name])
-            buffer[rows:].fill_(1 if name == "decode_contexts" else 0)
-        self.slots[rows:].fill_(self.scratch_slot)
+            buffer[rows:].fill_(pad)
         self.halt_below[:, :rows].copy_(step["halt_below"])
         self.halt_below[:, rows:].fill_(float("inf"))
         self.decode_blocks.fill_(scratch_block)
